@@ -1,0 +1,37 @@
+# The two commands a new user needs: `make run` and `make test` (both set themselves up).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export CLD_DATA_DIR ?= $(CURDIR)/data
+export DAGSTER_HOME ?= $(CLD_DATA_DIR)/dagster_home
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: setup run test bench docs clean-data
+
+setup: $(VENV)/.installed
+
+# Reinstall only when the dependency pins change; constraints.txt pins every transitive package.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
+
+# Dagster UI and daemon on http://127.0.0.1:3000; generates a small national quarter on first run.
+run: setup
+	@mkdir -p "$(CLD_DATA_DIR)/landing" "$(DAGSTER_HOME)"
+	@cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+	@if [ -z "$$(find "$(CLD_DATA_DIR)/landing" -maxdepth 1 -name '*.csv' -print -quit)" ]; then \
+		echo "landing folder is empty: generating a small synthetic national quarter"; \
+		$(BIN)/cld-pipeline generate --scale small; \
+	fi
+	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+docs: setup
+	$(BIN)/cld-pipeline spec-docs

@@ -1,0 +1,25 @@
+"""Where things live: the data folder layout of the contract (shared/contract.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """`$CLD_DATA_DIR`, default `./data`, as an absolute path."""
+    return Path(os.environ.get("CLD_DATA_DIR") or "data").resolve()
+
+
+def landing_dir() -> Path:
+    return data_dir() / "landing"
+
+
+def identifiable_db_path() -> Path:
+    """The processor's zone: raw and validated records, rejections (identifiers present)."""
+    return data_dir() / "identifiable.duckdb"
+
+
+def analytics_db_path() -> Path:
+    """The analysts' zone: pseudonymised, linked and benchmark tables; never a direct identifier."""
+    return data_dir() / "analytics.duckdb"
