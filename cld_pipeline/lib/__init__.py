@@ -1,0 +1,1 @@
+"""Plain domain logic with no Dagster imports, unit-testable on its own."""
