@@ -1,0 +1,131 @@
+"""Synthetic national CLD collection: LA submissions, hospital extracts and a defect manifest.
+
+Deterministic for a seed. The pipeline never sees real CLD data; this is how it is developed,
+tested and benchmarked. Writes into `<data dir>/landing` (and `landing/health`), and a manifest of
+files and injected defects into `<data dir>/synthetic`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import duckdb
+import numpy as np
+from tqdm import tqdm
+
+from cld_pipeline.reference import load_local_authorities
+from cld_pipeline.synthetic.config import SCALES, DefectRates, GeneratorConfig
+from cld_pipeline.synthetic.defects import DefectInjector, manifest_rows, overrides_by_field
+from cld_pipeline.synthetic.hospital import hospital_quarters, simulate_spells, write_hospital_extracts
+from cld_pipeline.synthetic.simulate import simulate
+from cld_pipeline.synthetic.submissions import Renderer, plan_files, quarter_ends
+from cld_pipeline.synthetic.vocab import Vocabularies
+
+__all__ = ["DefectRates", "GeneratorConfig", "SCALES", "generate"]
+
+
+def _councils(config: GeneratorConfig, rng: np.random.Generator):
+    las = list(load_local_authorities())
+    if config.la_codes:
+        lookup = load_local_authorities()
+        return [lookup[c] for c in config.la_codes]
+    count = SCALES[config.scale].la_count
+    if count is None or count >= len(las):
+        return las
+    # A spread of councils: one from each of the first `count` regions, chosen by the seed.
+    by_region: dict[str, list] = {}
+    for la in las:
+        by_region.setdefault(la.region_code, []).append(la)
+    regions = sorted(by_region)
+    return [by_region[r][int(rng.integers(0, len(by_region[r])))] for r in regions[:count]]
+
+
+def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> dict:
+    """Generate the collection; returns the manifest (also written to `synthetic/manifest.json`)."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    vocab = Vocabularies()
+    landing = data_dir / "landing"
+    landing.mkdir(parents=True, exist_ok=True)
+    out_dir = data_dir / "synthetic"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = landing / f".staging-{config.seed}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+
+    period_ends = quarter_ends(config.period_end, config.quarters)
+    steps = 4 + (1 if config.hospital else 0)
+    bar = tqdm(total=steps, desc="generate", unit="step", disable=not progress)
+
+    bar.set_postfix_str("simulating people and journeys")
+    councils = _councils(config, rng)
+    truth = simulate(councils, vocab, rng, config.target_rows, period_ends[0], period_ends[-1])
+    bar.update()
+
+    bar.set_postfix_str("planning submissions")
+    files = plan_files(truth, vocab, rng, period_ends, config.resubmission_share)
+    for f in files:
+        f.extra["bom_crlf"] = bool((f.la_idx * 2654435761 + config.seed) % 10 == 0)
+    bar.update()
+
+    bar.set_postfix_str("injecting defects")
+    defects = DefectInjector(truth, vocab, rng).inject(files, config.defects)
+    bar.update()
+
+    con = duckdb.connect()
+    try:
+        bar.set_postfix_str(f"writing {len(files)} submissions")
+        Renderer(con, truth, vocab, files, overrides_by_field(defects)).write(landing, staging)
+        bar.update()
+        hospital_files: list[dict] = []
+        if config.hospital:
+            bar.set_postfix_str("writing hospital extracts")
+            spells = simulate_spells(truth, vocab, rng)
+            hospital_files = write_hospital_extracts(con, truth, spells, vocab, rng,
+                                                     hospital_quarters(period_ends), landing / "health")
+            bar.update()
+    finally:
+        con.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        bar.close()
+
+    rows = sum(f.rows.size for f in files)
+    elapsed = time.perf_counter() - started
+    defect_rows = manifest_rows(defects, files)
+    defects_per_file = _counts(d.file_id for d in defects)
+    with (out_dir / "defects.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file_name", "row_number", "field", "defect", "injected_value", "expected"])
+        writer.writeheader()
+        writer.writerows(defect_rows)
+    manifest = {
+        "config": {**asdict(config), "period_end": config.period_end.isoformat()},
+        "generated_in_seconds": round(elapsed, 2),
+        "rows": rows,
+        "rows_per_second": round(rows / elapsed) if elapsed else None,
+        "stats": truth.stats,
+        "files": [
+            {"file_name": f.file_name, "la_code": f.la.submission_code, "la_name": f.la.name,
+             "quarter": f.quarter, "reporting_period_start": f.period_start.isoformat(),
+             "reporting_period_end": f.period_end.isoformat(), "submitted_at": f.submitted_at.isoformat(),
+             "version": f.version, "rows": int(f.rows.size), "date_format": f.date_format,
+             "header_style": f.header_style, "includes_names": f.include_names,
+             "bom_crlf": f.extra["bom_crlf"],
+             "defects": defects_per_file.get(f.file_id, 0)}
+            for f in files
+        ],
+        "hospital_files": hospital_files,
+        "defects_file": "defects.csv",
+        "defect_counts": _counts(d.defect for d in defects),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest
+
+
+def _counts(items) -> dict:
+    return dict(sorted(Counter(items).items()))
