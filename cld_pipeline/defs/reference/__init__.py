@@ -1,0 +1,1 @@
+"""Reference data layer (councils, code lists)."""
