@@ -1,14 +1,51 @@
-"""Resources: one DuckDB database per privacy zone.
+"""Resources: one DuckDB database per privacy zone, one writer at a time.
 
 `identifiable_db` is the processor's zone (identifiers present); `analytics_db` is the analysts'
 zone (pseudonymised and aggregate data only). Keeping them as separate files means access to the
 analysts' zone can be granted without ever granting access to identifiers.
+
+DuckDB allows one process to open a database file for writing. Rather than a Dagster concurrency
+pool (whose slots a killed run keeps until the daemon's run monitoring frees them, so a headless
+`cld-pipeline run` after a crash would wait forever), every connection takes an OS file lock beside
+the database first: runs queue for it, the kernel releases it when a process dies, and connections
+are held only for short transactions (parsing and other heavy work happen outside them).
 """
+
+import fcntl
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from cld_pipeline.settings import analytics_db_path, identifiable_db_path
+
+
+class LockedDuckDBResource(DuckDBResource):
+    """DuckDBResource whose connections are serialised across processes by a lock file."""
+
+    lock_timeout_seconds: int = 3600
+
+    @contextmanager
+    def get_connection(self):
+        lock_path = Path(f"{self.database}.writer.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a") as lock:
+            deadline = time.monotonic() + self.lock_timeout_seconds
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"waited {self.lock_timeout_seconds} s for {lock_path.name}") from None
+                    time.sleep(0.05)
+            try:
+                with super().get_connection() as con:
+                    yield con
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dg.definitions
@@ -17,7 +54,7 @@ def resources() -> dg.Definitions:
         path.parent.mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
         resources={
-            "identifiable_db": DuckDBResource(database=str(identifiable_db_path())),
-            "analytics_db": DuckDBResource(database=str(analytics_db_path())),
+            "identifiable_db": LockedDuckDBResource(database=str(identifiable_db_path())),
+            "analytics_db": LockedDuckDBResource(database=str(analytics_db_path())),
         }
     )

@@ -35,7 +35,6 @@ def _materialized(con, schema: str, table: str, rows: int, **extra) -> dg.Materi
     group_name="reference",
     kinds={"duckdb"},
     owners=OWNERS,
-    pool="duckdb",
     description=(
         "England's 153 councils with adult social services responsibilities (2025/26 geography): "
         "CLD LA code, ONS code, name, region and ONS mid-2024 adult populations (the CLD denominators)."
@@ -81,7 +80,6 @@ def local_authorities_complete(analytics_db: DuckDBResource) -> dg.AssetCheckRes
     group_name="reference",
     kinds={"duckdb"},
     owners=OWNERS,
-    pool="duckdb",
     description=(
         "Every CLD Release 2 code list from the specification in code: each value with its grouping, "
         "hierarchy rank and provisional flag (`reference.code_list_values`), and every Release 1 and "
