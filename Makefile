@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	@mkdir -p "$(CLD_DATA_DIR)/landing" "$(DAGSTER_HOME)"
 	@cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
-	@if [ -z "$$(find "$(CLD_DATA_DIR)/landing" -maxdepth 1 -name '*.csv' -print -quit)" ]; then \
-		echo "landing folder is empty: generating a small synthetic national quarter"; \
+	@if [ -z "$$(find "$(CLD_DATA_DIR)/landing" "$(CLD_DATA_DIR)/archive" -maxdepth 1 -type f -print -quit 2>/dev/null)" ]; then \
+		echo "nothing received yet: generating a small synthetic national quarter into landing/"; \
 		$(BIN)/cld-pipeline generate --scale small; \
 	fi
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)

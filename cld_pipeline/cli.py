@@ -1,6 +1,7 @@
 """`cld-pipeline`: the command line.
 
     cld-pipeline generate [--scale tiny|small|national] [--quarters N] [--seed S] ...
+    cld-pipeline run        process everything in the landing folder (headless), print a summary
     cld-pipeline spec-docs [--check]
 """
 
@@ -83,6 +84,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from cld_pipeline.headless import process_landing
+
+    summary = process_landing(log=(lambda *_: None) if args.quiet else print)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0 if summary.ok else 1
+
+
 def _spec_docs(args: argparse.Namespace) -> int:
     from cld_pipeline.spec.docs import DOC_PATH, render_field_docs
 
@@ -121,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--data-dir", help="defaults to $CLD_DATA_DIR or ./data")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
+
+    run = sub.add_parser("run", help="process everything in the landing folder through the asset graph, headless",
+                         description="Runs each landing file through the same Dagster jobs the sensor starts, in this "
+                                     "process, against the instance under $DAGSTER_HOME. Exit 0 only when every "
+                                     "accepted file's partitions materialised (refused files are reported, not failures).")
+    run.add_argument("--quiet", action="store_true", help="only the JSON summary")
+    run.set_defaults(func=_run)
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")

@@ -32,7 +32,9 @@ def test_definitions_load_with_every_asset_described_owned_and_grouped(data_dir)
     defs = load_defs()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"reference/local_authorities", "reference/code_lists"} <= keys
+    assert {"reference/local_authorities", "reference/code_lists", "raw/submissions", "raw/events"} <= keys
+    assert {s.name for s in defs.sensors} >= {"landing_sensor"}
+    assert {j.name for j in defs.jobs} >= {"ingest_submission_job", "quarantine_job"}
     for spec in defs.resolve_all_asset_specs():
         assert spec.description, spec.key
         assert spec.group_name and spec.group_name != "default", spec.key

@@ -106,11 +106,14 @@ def test_an_inconsistent_spec_is_refused():
 
 
 def _code_values() -> dict[str, str]:
+    """Every wording a list holds. Bare numeric codes (hospital codes such as "1" or "19") are left
+    out: they cannot be told apart from ordinary numbers in code."""
     spec = load_spec()
     values = {}
     for cl in spec.code_lists.values():
         for v in (*cl.cleaned_values, *cl.release1, *cl.variants):
-            values.setdefault(v, cl.name)
+            if any(c.isalpha() for c in v):
+                values.setdefault(v, cl.name)
     return values
 
 

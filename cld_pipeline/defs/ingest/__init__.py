@@ -1,0 +1,1 @@
+"""Ingestion layer: landing sensor, raw submissions and events, quarantine."""

@@ -1,0 +1,195 @@
+"""Raw layer: land each submission file byte-for-byte and every record as submitted text.
+
+One run per arriving file (started by `landing_sensor`), partitioned by quarter x LA. The original
+is copied to `archive/<sha256>` before anything else; a file that cannot be processed at all is
+moved to `quarantine/` with `<name>.error.json`, recorded in `raw.submissions`, and its run fails
+with the reason in plain words. Nothing of a refused file reaches `raw.events`.
+"""
+
+
+import datetime as dt
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from cld_pipeline import settings
+from cld_pipeline.defs.partitions import submission_partitions
+from cld_pipeline.lib import raw_store
+from cld_pipeline.lib.submission_files import (
+    SubmissionRefused,
+    archive_copy,
+    check_name,
+    inspect_and_read,
+    sha256_of,
+    write_refusal,
+)
+from cld_pipeline.lib.warehouse import table_schema
+
+OWNERS = ["team:cld-platform"]
+RAW_SUBMISSIONS = dg.AssetKey(["raw", "submissions"])
+RAW_EVENTS = dg.AssetKey(["raw", "events"])
+
+
+class SubmissionFile(dg.Config):
+    """Which arrival to land. Left empty (a backfill or a re-run from the UI), the partition is
+    rebuilt from the archived copy of its current accepted submission."""
+
+    file_name: str = ""
+    sha256: str = ""
+    received_at: str = ""   # ISO timestamp of arrival (the file's modification time)
+
+
+def _received(config: SubmissionFile, path: Path | None) -> dt.datetime:
+    if config.received_at:
+        return dt.datetime.fromisoformat(config.received_at)
+    if path is not None and path.exists():
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def direct_child(landing: Path, name: str) -> Path | None:
+    """The entry `name` of the landing folder itself (a file or a link), never anything elsewhere."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        return None
+    return landing / name
+
+
+def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: SubmissionRefused,
+               received_at: dt.datetime, sha256: str | None = None) -> dg.Failure:
+    """Archive (when it is a regular file), move to quarantine/, explain, record; returns the Failure
+    for the caller to raise so the run shows the reason."""
+    data = settings.data_dir()
+    if path is not None and path.exists() and not path.is_symlink():
+        sha256 = sha256 or sha256_of(path)
+        archive_copy(path, data / "archive", sha256)
+    if path is not None and (path.exists() or path.is_symlink()):
+        (data / "quarantine").mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), str(data / "quarantine" / name))
+    write_refusal(data / "quarantine", name, refusal, sha256, received_at)
+    receipt = raw_store.Receipt(
+        submission_id=raw_store.submission_id(sha256 or "-", name, received_at), la_code=None, quarter=None,
+        file_name=name, sha256=sha256, file_size=None, received_at=received_at,
+        archive_path=f"archive/{sha256}" if sha256 else None)
+    with db.get_connection() as con:
+        raw_store.ensure_schema(con)
+        raw_store.record_outcome(con, receipt, raw_store.QUARANTINED, f"{refusal.reason}: {refusal.message}")
+    return dg.Failure(description=f"{name} was refused and moved to quarantine/: {refusal.message}",
+                      metadata={"file": name, "reason": refusal.reason, "sha256": sha256 or ""},
+                      allow_retries=False)
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(RAW_SUBMISSIONS, skippable=True, group_name="raw", kinds={"duckdb"}, owners=OWNERS,
+                     description="Ledger of received files (`raw.submissions` in identifiable.duckdb): checksum, "
+                                 "reporting period, rows, and status accepted / duplicate / quarantined / superseded."),
+        dg.AssetSpec(RAW_EVENTS, skippable=True, group_name="raw", kinds={"duckdb"}, owners=OWNERS,
+                     description="Every submitted record as text with its submission id and row number "
+                                 "(`raw.events` in identifiable.duckdb); identifiers present."),
+    ],
+    partitions_def=submission_partitions,
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+)
+def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource):
+    started = time.perf_counter()
+    keys = context.partition_key.keys_by_dimension
+    la_code, quarter = keys["la"], keys["quarter"]
+    data = settings.data_dir()
+    landing = settings.landing_dir()
+
+    if config.file_name:
+        try:
+            path = check_name(landing, config.file_name)
+        except SubmissionRefused as refusal:
+            raise quarantine(identifiable_db, config.file_name, direct_child(landing, config.file_name), refusal,
+                             _received(config, None)) from None
+        received_at = _received(config, path)
+        source = path if path.exists() else data / "archive" / config.sha256
+        if not source.exists():
+            raise dg.Failure(description=f"{config.file_name} is neither in landing/ nor in the archive.",
+                             allow_retries=False)
+        archived = archive_copy(source, data / "archive", sha256_of(source))  # before anything else is written
+        try:
+            facts, records = inspect_and_read(archived, received=received_at.date())
+        except SubmissionRefused as refusal:
+            raise quarantine(identifiable_db, config.file_name, path if path.exists() else None, refusal,
+                             received_at, archived.name) from None
+        name = config.file_name
+    else:
+        with identifiable_db.get_connection() as con:
+            raw_store.ensure_schema(con)
+            current = raw_store.current_submission(con, la_code, quarter)
+        if current is None:
+            raise dg.Failure(description=f"No accepted submission has been received for LA {la_code} in {quarter}; "
+                                         "place the council's file in the landing folder.", allow_retries=False)
+        name, received_at, path = current["file_name"], current["received_at"], None
+        archived = data / "archive" / current["sha256"]
+        facts, records = inspect_and_read(archived, received=received_at.date())
+
+    if (facts.la_code, facts.quarter) != (la_code, quarter):
+        raise dg.Failure(description=f"{name} belongs to LA {facts.la_code} {facts.quarter}, not to this partition "
+                                     f"({la_code} {quarter}); it was not loaded.", allow_retries=False)
+
+    receipt = raw_store.Receipt(
+        submission_id=raw_store.submission_id(facts.sha256, name, received_at), la_code=la_code, quarter=quarter,
+        file_name=name, sha256=facts.sha256, file_size=facts.size, received_at=received_at,
+        reporting_period_start=facts.reporting_period_start, reporting_period_end=facts.reporting_period_end,
+        archive_path=f"archive/{facts.sha256}")
+
+    with identifiable_db.get_connection() as con:
+        raw_store.ensure_schema(con)
+        earlier = raw_store.earlier_copy(con, receipt)
+        if earlier is not None:
+            raw_store.record_outcome(con, receipt, raw_store.DUPLICATE, f"same SHA-256 as submission {earlier}")
+    if earlier is not None:
+        if path is not None and path.exists():
+            path.unlink()
+        context.log.info(f"{name} is a copy of submission {earlier} (same SHA-256): recorded as a duplicate, "
+                         "nothing else changes.")
+        return  # no materialisation: downstream partitions are untouched
+
+    with identifiable_db.get_connection() as con:   # the file was parsed before connecting
+        current = raw_store.load_submission(con, receipt, records)
+        ledger_schema = table_schema(con, "raw", "submissions")
+        events_schema = table_schema(con, "raw", "events")
+    if path is not None and path.exists():
+        path.unlink()  # landed: the archive holds the original
+    seconds = round(time.perf_counter() - started, 2)
+    common = {
+        "file": name, "sha256": facts.sha256, "submission_id": receipt.submission_id,
+        "status": raw_store.ACCEPTED if current == receipt.submission_id else raw_store.SUPERSEDED,
+        "reporting_period": f"{facts.reporting_period_start} to {facts.reporting_period_end}",
+        "seconds": seconds,
+    }
+    yield dg.MaterializeResult(asset_key=RAW_SUBMISSIONS, metadata={
+        **common, "dagster/row_count": 1, "dagster/column_schema": ledger_schema,
+        "dagster/table_name": "identifiable.raw.submissions"})
+    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={
+        **common, "dagster/row_count": records.num_rows, "rows_per_second": round(records.num_rows / max(seconds, 1e-3)),
+        "unrecognised_columns": len(facts.unknown_columns), "dagster/column_schema": events_schema,
+        "dagster/table_name": "identifiable.raw.events"})
+
+
+class RefusedFile(dg.Config):
+    file_name: str
+    reason: str
+    message: str
+    received_at: str = ""
+
+
+@dg.op(description="Move a file that cannot be processed to quarantine/ with its reason, record "
+                                   "it in raw.submissions, and fail the run with the reason in plain words.")
+def quarantine_file(config: RefusedFile, identifiable_db: DuckDBResource) -> None:
+    path = direct_child(settings.landing_dir(), config.file_name)
+    refusal = SubmissionRefused(config.reason, config.message)
+    received_at = dt.datetime.fromisoformat(config.received_at) if config.received_at else _received(
+        SubmissionFile(), path)
+    raise quarantine(identifiable_db, config.file_name, path, refusal, received_at)
+
+
+@dg.job(tags={"cld/layer": "raw"}, description="Refuse a landing file whole (started by landing_sensor).")
+def quarantine_job():
+    quarantine_file()

@@ -1,0 +1,23 @@
+"""Partitions: quarter x LA for every per-submission asset, quarter for national ones.
+
+- `quarter` is *dynamic* ("2026-Q3", the contract's spelling): a quarter exists once a file for it
+  arrives, so late resubmissions for an old quarter just work and there are no empty partitions
+  before the collection began. A time-window definition would give "2026-07-01"-style keys and
+  only completed windows; CLD quarters are named by the reporting period end, not by a clock.
+- `la` is *static*: the 153 councils of the reference data (their CLD code, or ONS code where a
+  council has none). A council appears only when the reference changes, which is a code change.
+
+153 councils x a few dozen quarters stays far below Dagster's partition-count guidance.
+"""
+
+import dagster as dg
+
+from cld_pipeline.reference import load_local_authorities
+
+quarter_partitions = dg.DynamicPartitionsDefinition(name="quarter")
+la_partitions = dg.StaticPartitionsDefinition([la.submission_code for la in load_local_authorities()])
+submission_partitions = dg.MultiPartitionsDefinition({"quarter": quarter_partitions, "la": la_partitions})
+
+
+def submission_partition_key(la_code: str, quarter: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"la": la_code, "quarter": quarter})

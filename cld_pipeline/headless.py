@@ -1,0 +1,117 @@
+"""`cld-pipeline run`: process the landing folder headlessly through the sensor's own asset graph.
+
+The landing sensor's decision function plans the runs (files present are taken as complete, with
+no wait for settling and no per-tick cap), quarters are registered as dynamic partitions, and each
+run executes in this process against the Dagster instance under `$DAGSTER_HOME`, so the UI shows
+the same runs, partitions and metadata as if the daemon had started them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from cld_pipeline import settings
+
+ROOT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+
+
+def prepare_instance() -> dg.DagsterInstance:
+    """`$DAGSTER_HOME` (default `$CLD_DATA_DIR/dagster_home`) with the project's dagster.yaml."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir() / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and ROOT_DAGSTER_YAML.exists():
+        shutil.copyfile(ROOT_DAGSTER_YAML, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
+
+
+@dataclass
+class RunSummary:
+    accepted: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    quarantined: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict:
+        return {"accepted": len(self.accepted), "duplicates": len(self.duplicates),
+                "quarantined": len(self.quarantined), "failed": len(self.failed),
+                "files": self.accepted + self.duplicates + self.quarantined + self.failed}
+
+
+def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> RunSummary:
+    from cld_pipeline.defs.ingest.sensors import plan_landing
+    from cld_pipeline.defs.partitions import quarter_partitions
+    from cld_pipeline.definitions import defs as load_defs
+
+    instance = instance or prepare_instance()
+    defs = load_defs()
+    summary = RunSummary()
+    cursor = None
+    while True:
+        known = set(instance.get_dynamic_partitions(quarter_partitions.name))
+        requests, new_quarters, cursor, _ = plan_landing(cursor, settle=0, max_files=10_000, known_quarters=known)
+        if not requests:
+            return summary
+        if new_quarters:
+            instance.add_dynamic_partitions(quarter_partitions.name, sorted(new_quarters))
+        for request in requests:
+            job = defs.resolve_job_def(request.job_name)
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                run_config=request.run_config, instance=instance, partition_key=request.partition_key,
+                tags=request.tags, raise_on_error=False)
+            file_name = request.tags["cld/file"]
+            entry = {"file": file_name, "run_id": result.run_id, "seconds": round(time.perf_counter() - started, 2)}
+            if request.job_name == "quarantine_job":
+                entry["reason"] = request.tags.get("cld/refused")
+                summary.quarantined.append(entry)
+                log(f"refused   {file_name}: {entry['reason']} (see quarantine/{file_name}.error.json)")
+            elif not result.success:
+                failure = _failure_message(result)
+                entry["error"] = failure
+                if "refused and moved to quarantine" in failure:
+                    summary.quarantined.append(entry)
+                    log(f"refused   {file_name}: {failure}")
+                else:
+                    summary.failed.append(entry)
+                    log(f"FAILED    {file_name}: {failure}")
+            elif not result.get_asset_materialization_events():
+                summary.duplicates.append(entry)
+                log(f"duplicate {file_name}")
+            else:
+                entry.update({"la": request.tags.get("cld/la"), "quarter": request.tags.get("cld/quarter")})
+                summary.accepted.append(entry)
+                log(f"landed    {file_name} -> {entry['quarter']} x {entry['la']} in {entry['seconds']} s")
+
+
+def _failure_message(result) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            user = error.cause or error
+            return (event.step_failure_data.user_failure_data.description
+                    if event.step_failure_data.user_failure_data and event.step_failure_data.user_failure_data.description
+                    else user.message.strip().splitlines()[0])
+    return "run failed"
+
+
+def main() -> int:
+    summary = process_landing()
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
