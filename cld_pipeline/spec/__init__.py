@@ -113,6 +113,7 @@ class CLDField(_Frozen):
     code_list: str | None = None
     applies_to: AppliesTo = AppliesTo()
     required_column: bool = False
+    cld: bool = True
     aliases: tuple[str, ...] = ()
     evidence: Evidence | None = None
     provisional: bool = False

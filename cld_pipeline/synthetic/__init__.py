@@ -100,7 +100,7 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
     defect_rows = manifest_rows(defects, files)
     defects_per_file = _counts(d.file_id for d in defects)
     with (out_dir / "defects.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file_name", "row_number", "field", "defect", "injected_value", "expected"])
+        writer = csv.DictWriter(fh, fieldnames=["file_name", "row_number", "field", "defect", "injected_value", "expected", "rule"])
         writer.writeheader()
         writer.writerows(defect_rows)
     manifest = {

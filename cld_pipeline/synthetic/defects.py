@@ -2,7 +2,7 @@
 
 Each defective row gets exactly one defect kind (touching one field, or two for missing identifiers).
 `EXPECTED` says what the validation layer must do with the row: `reject` (fatal), `flag` (kept with a
-data-quality flag), or `keep` (kept; the value is normalised or simply carried safely).
+data-quality flag), or `keep` (kept; the value is simply carried safely); `RULE` names the rule.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from cld_pipeline.synthetic.vocab import Vocabularies
 EXPECTED = {
     "invalid_code": "flag",
     "release1_value": "flag",
-    "case_whitespace": "keep",
-    "null_literal": "keep",
+    "case_whitespace": "flag",
+    "null_literal": "flag",
     "mandatory_blank": "flag",
     "missing_nhs_number": "flag",
     "invalid_nhs_number": "flag",
@@ -39,6 +39,28 @@ EXPECTED = {
     "event_after_death": "flag",
     "formula_string": "keep",
     "stray_encoding": "keep",
+}
+
+# The validation rule (cld_pipeline/lib/validation/rules.py) that must find each defect.
+RULE = {
+    "invalid_code": "invalid_code",
+    "release1_value": "release1_value",
+    "case_whitespace": "normalised",
+    "null_literal": "null_literal",
+    "mandatory_blank": "mandatory_blank",
+    "missing_nhs_number": "mandatory_blank",
+    "invalid_nhs_number": "invalid_nhs_number",
+    "missing_identifiers": "no_usable_person_identifier",
+    "bad_date": "event_start_date_invalid",
+    "missing_start_date": "event_start_date_invalid",
+    "reversed_dates": "end_before_start",
+    "open_request": "end_date_missing",
+    "unknown_event_type": "event_type_unmappable",
+    "wrong_la_code": "la_code_mismatch",
+    "future_date": "future_date",
+    "event_after_death": "event_after_death",
+    "formula_string": "",
+    "stray_encoding": "",
 }
 
 UNKNOWN_EVENT_TYPES = ("Telephone contact", "Safeguarding enquiry", "Information only")
@@ -225,5 +247,5 @@ def manifest_rows(defects: list[Defect], files: list[SubmissionFile]) -> list[di
             assert header_lookup[normalise_header(field)] == field
             rows.append({"file_name": names[d.file_id], "row_number": d.row_number, "field": field,
                          "defect": d.defect, "injected_value": "" if value is None else value,
-                         "expected": EXPECTED[d.defect]})
+                         "expected": EXPECTED[d.defect], "rule": RULE[d.defect]})
     return rows

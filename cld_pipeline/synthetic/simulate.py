@@ -108,6 +108,9 @@ class _EventBlocks:
 
     def build(self) -> Events:
         cat = {k: np.concatenate([b[k] for b in self.blocks]) for k in self.blocks[0]}
+        # Councils state planned units with every cost (one unit for weekly or one-off prices).
+        costed = ~np.isnan(cat["unit_cost"]) & np.isnan(cat["planned_units"])
+        cat["planned_units"][costed] = 1.0
         return Events(
             person=cat["person"], start=cat["start"], end=cat["end"],
             ints={k: cat[k] for k in EVENT_INT_COLUMNS},

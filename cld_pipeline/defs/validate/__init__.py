@@ -1,0 +1,1 @@
+"""Validated layer: CLD Release 2 rules, rejections, data-quality flags and reports."""

@@ -1,0 +1,1 @@
+"""Validation of submissions against the CLD Release 2 specification (no Dagster here)."""
