@@ -14,6 +14,7 @@ import pytest
 
 from cld_pipeline.cli import main as cli_main
 from cld_pipeline.lib.identifiers import is_valid_nhs_number
+from cld_pipeline.lib.submission_files import parse_date
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
 from cld_pipeline.synthetic import GeneratorConfig, generate
@@ -23,17 +24,6 @@ from .conftest import TINY, read_submission
 
 V = Vocabularies()
 REQUEST, ASSESSMENT, SERVICE, REVIEW = (V["event_type"].codes.value(k) for k in ("request", "assessment", "service", "review"))
-
-
-def parse_date(text: str) -> dt.date | None:
-    if not text:
-        return None
-    for fmt in ("%Y-%m-%d", "%d/%m/%Y"):
-        try:
-            return dt.datetime.strptime(text, fmt).date()
-        except ValueError:
-            pass
-    return None
 
 
 def defects_of(data_dir: Path) -> list[dict]:

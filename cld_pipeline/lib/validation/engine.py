@@ -111,7 +111,7 @@ def validate_submission(raw_rows: Path, ctx: SubmissionContext, work: Path,
         chunk = batch.to_pandas()
         numbers = chunk["row_number"].to_numpy()
         for i, rule in enumerate(rules):
-            passed = rule.check(chunk).check_output.to_numpy(dtype=bool, na_value=False)
+            passed = rule.check(chunk[list(rule.columns)]).check_output.to_numpy(dtype=bool, na_value=False)
             if not passed.all():
                 failing[i].append(numbers[~passed])
     seconds["pandera"] = time.perf_counter() - t
