@@ -85,7 +85,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     from cld_pipeline.headless import process_landing
+    from cld_pipeline.lib.pseudonymise import KeyError_, load_key
+
+    try:  # refuse before landing anything rather than fail every pseudonymisation run
+        load_key(os.environ.get("CLD_PSEUDO_KEY"), os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
+                 os.environ.get("CLD_ENVIRONMENT", "development"), settings.data_dir())
+    except KeyError_ as err:
+        print(f"cld-pipeline run: {err}", file=sys.stderr)
+        return 2
 
     summary = process_landing(log=(lambda *_: None) if args.quiet else print)
     print(json.dumps(summary.as_dict(), indent=2))

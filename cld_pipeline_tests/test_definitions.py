@@ -32,7 +32,8 @@ def test_definitions_load_with_every_asset_described_owned_and_grouped(data_dir)
     defs = load_defs()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"reference/local_authorities", "reference/code_lists", "raw/submissions", "raw/events"} <= keys
+    assert {"reference/local_authorities", "reference/code_lists", "raw/submissions", "raw/events",
+            "validated/events", "validated/rejections", "validated/dq_flags", "pseudonymised/events"} <= keys
     assert {s.name for s in defs.sensors} >= {"landing_sensor"}
     assert {j.name for j in defs.jobs} >= {"ingest_submission_job", "quarantine_job"}
     for spec in defs.resolve_all_asset_specs():
@@ -40,7 +41,7 @@ def test_definitions_load_with_every_asset_described_owned_and_grouped(data_dir)
         assert spec.group_name and spec.group_name != "default", spec.key
         assert spec.owners, spec.key
         assert spec.kinds, spec.key
-    assert set(defs.resources) >= {"identifiable_db", "analytics_db"}
+    assert set(defs.resources) >= {"identifiable_db", "analytics_db", "pseudonymisation_key"}
 
 
 @pytest.mark.parametrize("command", [

@@ -12,6 +12,7 @@ are held only for short transactions (parsing and other heavy work happen outsid
 """
 
 import fcntl
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from cld_pipeline.settings import analytics_db_path, identifiable_db_path
+from cld_pipeline.lib.pseudonymise import PseudoKey, load_key
+from cld_pipeline.settings import analytics_db_path, data_dir, identifiable_db_path
 
 
 class LockedDuckDBResource(DuckDBResource):
@@ -48,6 +50,20 @@ class LockedDuckDBResource(DuckDBResource):
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class PseudonymisationKey(dg.ConfigurableResource):
+    """The secret key for person tokens, read through Dagster's EnvVar (`CLD_PSEUDO_KEY`), so the UI
+    shows only the variable's name. `environment` is `CLD_ENVIRONMENT` (default `development`, where
+    a labelled throw-away key file is created in the data folder if no key is set); in any other
+    environment a missing or short key stops the run."""
+
+    key: str | None = None
+    key_version: str = "1"
+    environment: str = "development"
+
+    def load(self) -> PseudoKey:
+        return load_key(self.key, self.key_version, self.environment, data_dir())
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     for path in (identifiable_db_path(), analytics_db_path()):
@@ -56,5 +72,10 @@ def resources() -> dg.Definitions:
         resources={
             "identifiable_db": LockedDuckDBResource(database=str(identifiable_db_path())),
             "analytics_db": LockedDuckDBResource(database=str(analytics_db_path())),
+            "pseudonymisation_key": PseudonymisationKey(
+                key=dg.EnvVar("CLD_PSEUDO_KEY") if os.environ.get("CLD_PSEUDO_KEY") else None,
+                key_version=os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
+                environment=os.environ.get("CLD_ENVIRONMENT", "development"),
+            ),
         }
     )

@@ -1,0 +1,1 @@
+"""Pseudonymised layer: keyed-hash tokens and generalised fields for the analysts zone."""

@@ -1,0 +1,188 @@
+"""Pseudonymised layer: the analysts' copy of each accepted row, with no direct identifier.
+
+What happens to each field follows its identifier class in the specification: `keep` fields are
+copied, `pseudonymise` fields become keyed-hash tokens (the person, carers' linked adults),
+`coarsen` fields become birth year and month, ages and age bands (date of birth) or postcode
+district and area (postcode), and `remove` fields are dropped (the event description leaves only a
+"conversation" flag). Written to `pseudonymised.events` in analytics.duckdb, which never holds an
+NHS number, LA person id, date of birth, postcode or name.
+"""
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from cld_pipeline import settings
+from cld_pipeline.defs.partitions import submission_partitions
+from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
+from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
+from cld_pipeline.lib import raw_store
+from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
+from cld_pipeline.lib.warehouse import table_schema
+from cld_pipeline.spec import load_spec
+
+OWNERS = ["team:cld-platform"]
+EVENTS = dg.AssetKey(["pseudonymised", "events"])
+QUASI_IDENTIFIERS = ("age_band", "gender_cleaned", "ethnicity_cleaned", "postcode_district", "la_code")
+SMALL_GROUP = 5
+MAX_SMALL_GROUP_SHARE = 0.01
+
+
+def _band_sql(age: str, bands, unknown: str) -> str:
+    cases = " ".join(f"WHEN {age} BETWEEN {b.min} AND {b.max} THEN '{b.label}'" for b in bands)
+    return f"CASE {cases} ELSE '{unknown}' END"
+
+
+def pseudonymise_sql(source: str) -> str:
+    """SELECT over validated rows (`v`) and the submission (`s`: la_code, quarter, period_end)."""
+    spec = load_spec()
+    derived = spec.derived
+    birth = "make_date(year(v.date_of_birth), month(v.date_of_birth), 1)"   # DHSC: born on the 1st
+
+    def age_at(day: str) -> str:
+        return f"CAST(floor(date_diff('day', {birth}, {day}) / 365.25) AS INTEGER)"
+
+    select = ["v.submission_id", "v.row_number", "s.la_code", "s.quarter",
+              person_token_sql("v.nhs_number", "s.la_code", "v.la_person_unique_identifier") + " AS person_id",
+              "CASE WHEN v.nhs_number IS NOT NULL THEN 'nhs' WHEN v.la_person_unique_identifier IS NOT NULL "
+              "THEN 'la' END AS person_id_source",
+              "$key_version AS key_version"]
+    for f in spec.fields:
+        if not f.cld:
+            continue
+        c = f.column
+        if f.name == "LA_Code":
+            continue  # s.la_code: every accepted row carries the file's LA code
+        if f.identifier == "keep":
+            # Coded fields keep only their cleaned value: the submitted text of an unmappable code
+            # could be anything typed into the wrong column, a name included.
+            select.append(f"v.{c}_cleaned" if f.type == "coded" else f"v.{c}")
+        elif f.identifier == "pseudonymise" and c.startswith("adult_"):
+            message = f"'la:' || upper(trim(s.la_code)) || ':' || trim(v.{c})"
+            select.append(f"CASE WHEN v.{c} IS NOT NULL THEN {hmac_sql(message)} END AS {c}")
+        elif f.name == "Date_of_Birth":
+            select += [
+                "year(v.date_of_birth) AS birth_year", "month(v.date_of_birth) AS birth_month",
+                f"{age_at('v.event_start_date')} AS age_at_event_start",
+                f"{age_at('s.period_end')} AS age_at_period_end",
+                f"{_band_sql(age_at('v.event_start_date'), derived.age_bands, derived.unknown_age_band)} AS age_band",
+                f"{_band_sql(age_at('v.event_start_date'), derived.working_age_bands, derived.unknown_age_band)} "
+                "AS working_age_band",
+            ]
+        elif f.name == "Postcode":
+            select += [
+                "regexp_extract(upper(trim(v.postcode)), '^([A-Z]{1,2}[0-9][A-Z0-9]?) ?[0-9][A-Z]{2}$', 1) "
+                "AS postcode_district_raw",
+                "s.la_code AS area_la_code",
+                "CAST(NULL AS VARCHAR) AS area_lsoa_code",   # slot for an ONS postcode-to-LSOA lookup
+            ]
+        elif f.name == "Event_Description":
+            select.append("coalesce(v.event_description ILIKE '%conversation%', false) AS der_conversation")
+        # everything else of class remove / pseudonymise (NHS number, LA person id) is not selected
+    inner = f"SELECT {', '.join(select)} FROM {source} v CROSS JOIN submission s"
+    return (f"SELECT * EXCLUDE (postcode_district_raw), nullif(postcode_district_raw, '') AS postcode_district "
+            f"FROM ({inner}) ORDER BY row_number")
+
+
+@dg.asset(
+    key=EVENTS,
+    deps=[VALIDATED_EVENTS],
+    partitions_def=submission_partitions,
+    group_name="pseudonymised",
+    kinds={"duckdb"},
+    owners=OWNERS,
+    description="Accepted rows for analysts (analytics.duckdb): keyed-hash person tokens, birth year and month, "
+                "ages and age bands, postcode district and area; no NHS number, LA person id, date of birth, "
+                "postcode or name.",
+    check_specs=[
+        dg.AssetCheckSpec("row_conservation", asset=EVENTS, blocking=True,
+                          description="One pseudonymised row per validated row."),
+        dg.AssetCheckSpec("no_direct_identifiers", asset=EVENTS, blocking=True,
+                          description="No column of an identifying field survives; every row has a 64-hex token."),
+        dg.AssetCheckSpec("k_anonymity", asset=EVENTS,
+                          description=f"People in groups smaller than {SMALL_GROUP} over age band, sex, ethnicity, "
+                                      f"area and LA stay under {MAX_SMALL_GROUP_SHARE:.0%} (a warning)."),
+    ],
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+)
+def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
+                         analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
+    started = time.perf_counter()
+    keys = context.partition_key.keys_by_dimension
+    la_code, quarter = keys["la"], keys["quarter"]
+    try:
+        key = pseudonymisation_key.load()
+    except KeyError_ as err:
+        raise dg.Failure(description=str(err), allow_retries=False) from None
+    if key.development:
+        context.log.warning("Using the DEVELOPMENT-ONLY pseudonymisation key from the data folder: tokens are not "
+                            "linkable with any other system. Set CLD_PSEUDO_KEY for real data.")
+    (settings.data_dir() / "work").mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="pseudonymise-", dir=settings.data_dir() / "work"))
+    try:
+        with identifiable_db.get_connection() as con:
+            current = raw_store.current_submission(con, la_code, quarter)
+            if current is None:
+                raise dg.Failure(description=f"No accepted submission for LA {la_code} in {quarter}.",
+                                 allow_retries=False)
+            con.execute(f"COPY (SELECT * FROM validated.events WHERE submission_id = ? ORDER BY row_number) "
+                        f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)", [current["submission_id"]])
+        ipad, opad = key.pads
+        work = duckdb.connect()
+        work.execute("SET threads = 2")
+        work.execute("CREATE TABLE submission AS SELECT ? AS la_code, ? AS quarter, ?::DATE AS period_end",
+                     [la_code, quarter, current["reporting_period_end"]])
+        out = scratch / "pseudonymised.parquet"
+        validated = f"read_parquet('{scratch / 'validated.parquet'}')"
+        work.execute(f"COPY ({pseudonymise_sql(validated)}) TO '{out}' (FORMAT parquet)",
+                     {"ipad": ipad, "opad": opad, "key_version": key.version})
+        validated_rows = work.execute(f"SELECT count(*) FROM {validated}").fetchall()[0][0]
+        rows, tokened, people = work.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE regexp_full_match(person_id, '[0-9a-f]{{64}}')), "
+            f"count(DISTINCT person_id) FROM read_parquet('{out}')").fetchall()[0]
+        qi = ", ".join(QUASI_IDENTIFIERS)
+        groups, in_small, smallest = work.execute(f"""
+            WITH people AS (SELECT DISTINCT person_id, {qi} FROM read_parquet('{out}')),
+                 g AS (SELECT {qi}, count(*) AS k FROM people GROUP BY ALL)
+            SELECT count(*), coalesce(sum(k) FILTER (WHERE k < {SMALL_GROUP}), 0), min(k) FROM g""").fetchall()[0]
+        work.close()
+        with analytics_db.get_connection() as con:
+            con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
+            con.execute(f"CREATE TABLE IF NOT EXISTS pseudonymised.events AS SELECT * FROM read_parquet('{out}') LIMIT 0")
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("DELETE FROM pseudonymised.events WHERE la_code = ? AND quarter = ?", [la_code, quarter])
+                con.execute(f"INSERT INTO pseudonymised.events BY NAME SELECT * FROM read_parquet('{out}')")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            schema = table_schema(con, "pseudonymised", "events")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    identifying = {f.column for f in load_spec().fields if f.identifier in ("remove", "coarsen")} | {
+        "nhs_number", "la_person_unique_identifier"}
+    leaked_columns = sorted(identifying & {c.name for c in schema.columns})
+    seconds = round(time.perf_counter() - started, 2)
+    yield dg.MaterializeResult(metadata={
+        "dagster/row_count": rows, "people": people, "key_version": key.version,
+        "development_key": key.development, "seconds": seconds,
+        "rows_per_second": round(rows / max(seconds, 1e-3)),
+        "people_in_groups_smaller_than_5": int(in_small), "quasi_identifier_groups": groups,
+        "dagster/column_schema": schema, "dagster/table_name": "analytics.pseudonymised.events"})
+    yield dg.AssetCheckResult(check_name="row_conservation", passed=rows == validated_rows,
+                              metadata={"validated": validated_rows, "pseudonymised": rows})
+    yield dg.AssetCheckResult(check_name="no_direct_identifiers", passed=not leaked_columns and tokened == rows,
+                              metadata={"identifying_columns": ", ".join(leaked_columns) or "none",
+                                        "rows_without_token": rows - tokened})
+    share = in_small / max(people, 1)
+    yield dg.AssetCheckResult(check_name="k_anonymity", passed=share <= MAX_SMALL_GROUP_SHARE,
+                              severity=dg.AssetCheckSeverity.WARN, metadata={
+                                  "people": people, "groups": groups, "smallest_group": smallest or 0,
+                                  "people_in_groups_smaller_than_5": int(in_small),
+                                  "share_percent": round(100 * share, 2)})
