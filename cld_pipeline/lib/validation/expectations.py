@@ -30,7 +30,6 @@ COMPLETENESS, VALID_CODES, DATES_IN_RANGE, UNIQUE = 0.95, 0.95, 0.99, 0.99
 def suite_definition(ctx) -> list[tuple[str, str, dict]]:
     """(name, expectation class, keyword arguments) for every expectation, from the spec."""
     spec = load_spec()
-    et = spec.code_list("event_type")
     out: list[tuple[str, str, dict]] = []
     for f in spec.fields:
         if not f.cld:
@@ -56,7 +55,6 @@ def suite_definition(ctx) -> list[tuple[str, str, dict]]:
     out.append(("unique:events", "ExpectCompoundColumnsToBeUnique",
                 {"column_list": ["la_person_unique_identifier", "event_type_cleaned", "event_start_date",
                                  "service_component_cleaned", "review_reason_cleaned"], "mostly": UNIQUE}))
-    del et
     return out
 
 
