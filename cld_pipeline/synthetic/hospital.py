@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from cld_pipeline.synthetic.simulate import NA_DAY, Truth, add_months
-from cld_pipeline.synthetic.submissions import _coded, _dates, area_letters, postcode_sql, quarter_label
+from cld_pipeline.synthetic.submissions import arrow_coded, arrow_dates, area_letters, postcode_sql, quarter_label
 from cld_pipeline.synthetic.vocab import Vocabularies
 
 
@@ -115,18 +115,18 @@ def write_hospital_extracts(con: duckdb.DuckDBPyConnection, truth: Truth, spells
     table = pa.table({
         "spell": pa.array(np.arange(len(spells), dtype=np.int32)),
         "nhs_number": pa.array(p.nhs_number[spells.person]),
-        "dob": _dates(p.dob[spells.person]),
-        "sex": _coded(sex_of_gender[p.coded["Gender"][spells.person]], vocab["hospital_sex"].values),
+        "dob": arrow_dates(p.dob[spells.person]),
+        "sex": arrow_coded(sex_of_gender[p.coded["Gender"][spells.person]], vocab["hospital_sex"].values),
         "pc_area": pa.array([area_letters(i) for i in range(len(truth.councils))])
         .take(pa.array(p.la_idx[spells.person].astype(np.int32))),
         "pc_district": pa.array(p.postcode_district[spells.person].astype(np.int32)),
         "pc_sector": pa.array(p.postcode_sector[spells.person].astype(np.int32)),
         "pc_unit": pa.array(p.postcode_unit[spells.person].astype(np.int32)),
-        "admission": _dates(spells.admission),
-        "discharge": _dates(spells.discharge),
-        "ready": _dates(spells.ready),
+        "admission": arrow_dates(spells.admission),
+        "discharge": arrow_dates(spells.discharge),
+        "ready": arrow_dates(spells.ready),
         "multi_episode": pa.array(multi_episode),
-        **{k: _coded(v, vocab[k].values) for k, v in spells.ints.items()},
+        **{k: arrow_coded(v, vocab[k].values) for k, v in spells.ints.items()},
     })
     con.register("spells", table)
     written = []

@@ -126,11 +126,11 @@ def plan_files(truth: Truth, vocab: Vocabularies, rng: np.random.Generator, peri
 CHUNK_ROWS = 600_000
 
 
-def _dates(days: np.ndarray) -> pa.Array:
+def arrow_dates(days: np.ndarray) -> pa.Array:
     return pa.array(days, type=pa.int32(), mask=days == NA_DAY).cast(pa.date32())
 
 
-def _coded(positions: np.ndarray, values: tuple[str, ...]) -> pa.Array:
+def arrow_coded(positions: np.ndarray, values: tuple[str, ...]) -> pa.Array:
     """Dictionary-encoded wording (cheap to `take`; DuckDB reads it as a string enum)."""
     idx = pa.array(positions.astype(np.int32), mask=positions < 0)
     return pa.DictionaryArray.from_arrays(idx, pa.array(values, type=pa.string()))
@@ -274,24 +274,24 @@ class Renderer:
             "pid": pa.array(np.arange(len(p), dtype=np.int32)),
             "nhs_number": pa.array(p.nhs_number),
             "la_person_no": pa.array(p.la_person_no),
-            "dob": _dates(p.dob), "dod": _dates(p.dod),
-            "client_type": _coded(p.client_type, vocab["client_type"].values),
+            "dob": arrow_dates(p.dob), "dod": arrow_dates(p.dod),
+            "client_type": arrow_coded(p.client_type, vocab["client_type"].values),
             "pc_district": pa.array(p.postcode_district.astype(np.int32)),
             "pc_sector": pa.array(p.postcode_sector.astype(np.int32)),
             "pc_unit": pa.array(p.postcode_unit.astype(np.int32)),
             "gp_practice": pa.array(p.gp_practice.astype(np.int32)),
-            "hrs_caring": _coded(p.hrs_caring, vocab["total_hrs_caring_per_week"].values),
+            "hrs_caring": arrow_coded(p.hrs_caring, vocab["total_hrs_caring_per_week"].values),
             "adults_cared_for": pa.array(p.adults_cared_for.astype(np.int32), mask=p.adults_cared_for == 0),
-            **{name.lower(): _coded(pos, vocab.for_field(name).values) for name, pos in p.coded.items()},
+            **{name.lower(): arrow_coded(pos, vocab.for_field(name).values) for name, pos in p.coded.items()},
         })
         self.events = pa.table({
             "event_id": pa.array(np.arange(len(e), dtype=np.int32)),
-            "start_date": _dates(e.start), "end_date": _dates(e.end),
+            "start_date": arrow_dates(e.start), "end_date": arrow_dates(e.end),
             "conversation": pa.array(e.ints["conversation"].astype(np.int32)),
             "unit_cost": pa.array(e.unit_cost, mask=np.isnan(e.unit_cost)),
             "planned_units": pa.array(e.planned_units, mask=np.isnan(e.planned_units)),
             "provider": pa.array(e.provider, mask=e.provider < 0),
-            **{col: _coded(e.ints[col], vocab[name].values) for col, name in EVENT_LISTS.items()},
+            **{col: arrow_coded(e.ints[col], vocab[name].values) for col, name in EVENT_LISTS.items()},
         })
         self.file_table = pa.table({
             "file_id": [f.file_id for f in files],
