@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cld_pipeline.reference import load_local_authorities
-from cld_pipeline.spec import load_spec, normalise_header
+from cld_pipeline.spec import CLDField, load_spec, normalise_header
 
 CHUNK = 1 << 20
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,200}\.csv$", re.IGNORECASE)
@@ -264,10 +264,11 @@ def _read_fast(path: Path, width: int, include: list[int] | None = None) -> pa.T
     return table
 
 
-def read_submission(path: Path, columns: dict[int, str]) -> pa.Table:
-    """Every record as text: `row_number` (1 = first data row), `field_count`, one column per CLD field
-    (NULL when blank or absent), and `extra_values` (JSON) for unrecognised columns or surplus fields."""
-    spec = load_spec()
+def read_submission(path: Path, columns: dict[int, str], fields: tuple[CLDField, ...] | None = None) -> pa.Table:
+    """Every record as text: `row_number` (1 = first data row), `field_count`, one column per field
+    (CLD fields unless `fields` says otherwise; NULL when blank or absent), and `extra_values` (JSON)
+    for unrecognised columns or surplus fields."""
+    fields = load_spec().fields if fields is None else fields
     header = read_header(path)
     table = _read_fast(path, len(header))
     if table is not None:
@@ -275,12 +276,12 @@ def read_submission(path: Path, columns: dict[int, str]) -> pa.Table:
         out = {"row_number": pa.array(range(1, n + 1), pa.int64()),
                "field_count": pa.array([len(header)] * n, pa.int32())}
         by_field = {name: i for i, name in columns.items()}
-        for f in spec.fields:
+        for f in fields:
             out[f.column] = table.column(by_field[f.name]) if f.name in by_field else pa.nulls(n, pa.string())
         unknown = [i for i in range(len(header)) if i not in columns]
         out["extra_values"] = _extra_json(table, header, unknown) if unknown else pa.nulls(n, pa.string())
         return pa.table(out)
-    return _read_exact(path, header, columns)
+    return _read_exact(path, header, columns, fields)
 
 
 def _extra_json(table: pa.Table, header: list[str], positions: list[int]) -> pa.Array:
@@ -289,15 +290,15 @@ def _extra_json(table: pa.Table, header: list[str], positions: list[int]) -> pa.
     return pa.array([json.dumps(dict(zip(keys, row)), ensure_ascii=False) for row in zip(*values)], pa.string())
 
 
-def _read_exact(path: Path, header: list[str], columns: dict[int, str]) -> pa.Table:
+def _read_exact(path: Path, header: list[str], columns: dict[int, str], fields: tuple[CLDField, ...]) -> pa.Table:
     """Python's csv module, record by record: slower, but keeps malformed records whole."""
-    spec = load_spec()
     width = len(header)
     cols: dict[str, list] = {"row_number": [], "field_count": []}
-    cols.update({f.column: [] for f in spec.fields})
+    cols.update({f.column: [] for f in fields})
     cols["extra_values"] = []
-    column_of = {i: spec.field(name).column for i, name in columns.items()}
-    absent = [f.column for f in spec.fields if f.name not in columns.values()]
+    by_name = {f.name: f for f in fields}
+    column_of = {i: by_name[name].column for i, name in columns.items()}
+    absent = [f.column for f in fields if f.name not in columns.values()]
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         next(reader)
@@ -312,7 +313,7 @@ def _read_exact(path: Path, header: list[str], columns: dict[int, str]) -> pa.Ta
             extra.update({f"_surplus_{k}": v for k, v in enumerate(record[width:], start=1)})
             cols["extra_values"].append(json.dumps(extra, ensure_ascii=False) if extra else None)
     schema = [("row_number", pa.int64()), ("field_count", pa.int32())]
-    schema += [(f.column, pa.string()) for f in spec.fields] + [("extra_values", pa.string())]
+    schema += [(f.column, pa.string()) for f in fields] + [("extra_values", pa.string())]
     return pa.table(cols, schema=pa.schema(schema))
 
 

@@ -8,6 +8,7 @@ pseudonymisation, the synthetic generator and the field documentation all read t
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -198,6 +199,23 @@ class Derived(_Frozen):
     unknown_age_band: str
 
 
+class Linkage(_Frozen):
+    """Windows and exclusions of the health-linked measures (fields.yaml `linkage`)."""
+
+    evidence: Evidence
+    minimum_age: int
+    cluster_gap_days: int
+    link_days_before: int
+    link_days_after: int
+    outcome_days: int
+    service_lookback_days: int
+    service_windows_days: tuple[int, ...]
+    readmission_windows_days: tuple[int, ...]
+    earliest_admission: dt.date
+    excluded_treatment_functions: tuple[str, ...]
+    excluded_treatment_function_prefixes: tuple[str, ...]
+
+
 # --- the whole specification -----------------------------------------------------------------------
 
 
@@ -211,6 +229,7 @@ class CLDSpec(_Frozen):
     hospital_fields: tuple[CLDField, ...]
     code_lists: dict[str, CodeList]
     derived: Derived
+    linkage: Linkage
 
     @cached_property
     def _by_name(self) -> dict[str, CLDField]:
@@ -322,6 +341,7 @@ def load_spec() -> CLDSpec:
         hospital_fields=fields_doc["hospital_fields"],
         code_lists=code_lists,
         derived=fields_doc["derived"],
+        linkage=fields_doc["linkage"],
     )
 
 
@@ -337,6 +357,7 @@ __all__ = [
     "FieldGroupIn",
     "FieldIn",
     "FieldPresent",
+    "Linkage",
     "Not",
     "iter_conditions",
     "load_spec",

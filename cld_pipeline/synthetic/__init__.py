@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from cld_pipeline.reference import load_local_authorities
@@ -24,7 +25,7 @@ from cld_pipeline.synthetic.config import SCALES, DefectRates, GeneratorConfig
 from cld_pipeline.synthetic.defects import DefectInjector, manifest_rows, overrides_by_field
 from cld_pipeline.synthetic.hospital import hospital_quarters, simulate_spells, write_hospital_extracts
 from cld_pipeline.synthetic.simulate import simulate
-from cld_pipeline.synthetic.submissions import Renderer, plan_files, quarter_ends
+from cld_pipeline.synthetic.submissions import Renderer, arrow_dates, la_person_id_sql, plan_files, quarter_ends
 from cld_pipeline.synthetic.vocab import Vocabularies
 
 __all__ = ["DefectRates", "GeneratorConfig", "SCALES", "generate"]
@@ -89,6 +90,7 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
             spells = simulate_spells(truth, vocab, rng)
             hospital_files = write_hospital_extracts(con, truth, spells, vocab, rng,
                                                      hospital_quarters(period_ends), landing / "health")
+            write_linkage_truth(con, truth, files, spells, out_dir)
             bar.update()
     finally:
         con.close()
@@ -125,6 +127,34 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
+
+
+def write_linkage_truth(con: duckdb.DuckDBPyConnection, truth, files, spells, out_dir: Path) -> None:
+    """Who is who, for linkage tests: `truth_people.parquet` (person, LA code, LA person id as the
+    council writes it, NHS number) and `truth_spells.parquet` (spell id, person, dates). Synthetic
+    identifiers only; real data has no such file."""
+    p = truth.people
+    style = {f.la_idx: f.person_id_style for f in files}
+    councils = truth.councils
+    con.register("truth_people_in", pa.table({
+        "person": pa.array(np.arange(len(p), dtype=np.int32)),
+        "la_code": pa.array([c.submission_code for c in councils]).take(pa.array(p.la_idx.astype(np.int32))),
+        "la_name": pa.array([c.name for c in councils]).take(pa.array(p.la_idx.astype(np.int32))),
+        "pid_style": pa.array([style.get(i, 0) for i in range(len(councils))]).take(pa.array(p.la_idx.astype(np.int32))),
+        "la_person_no": pa.array(p.la_person_no),
+        "nhs_number": pa.array(p.nhs_number),
+    }))
+    con.execute(f"""COPY (SELECT person, la_code, {la_person_id_sql('la_person_no', 'pid_style', 'la_name')}
+                           AS la_person_id, CASE WHEN nhs_number > 0 THEN CAST(nhs_number AS VARCHAR) END AS nhs_number
+                    FROM truth_people_in) TO '{out_dir / "truth_people.parquet"}' (FORMAT parquet)""")
+    con.unregister("truth_people_in")
+    con.register("truth_spells_in", pa.table({
+        "spell": pa.array(np.arange(len(spells), dtype=np.int32)), "person": pa.array(spells.person),
+        "admission": arrow_dates(spells.admission), "discharge": arrow_dates(spells.discharge)}))
+    con.execute(f"""COPY (SELECT 'S' || lpad(CAST(spell AS VARCHAR), 9, '0') AS spell_id, person,
+                           admission AS admission_date, discharge AS discharge_date FROM truth_spells_in)
+                    TO '{out_dir / "truth_spells.parquet"}' (FORMAT parquet)""")
+    con.unregister("truth_spells_in")
 
 
 def _counts(items) -> dict:

@@ -164,6 +164,14 @@ def _fmt(expr: str) -> str:
     return f"CASE WHEN f_date_fmt = '{UK}' THEN strftime({expr}, '{UK}') ELSE CAST({expr} AS VARCHAR) END"
 
 
+def la_person_id_sql(no: str, style: str = "f_pid_style", la_name: str = "f_la_name") -> str:
+    """A council's LA person id as it writes it, from the person's number within the council."""
+    return f"""CASE {style}
+        WHEN 0 THEN CAST({no} AS VARCHAR)
+        WHEN 1 THEN 'P' || lpad(CAST({no} AS VARCHAR), 8, '0')
+        ELSE upper(substr({la_name}, 1, 3)) || '-' || CAST({no} AS VARCHAR) END"""
+
+
 def field_expressions(vocab: Vocabularies) -> dict[str, str]:
     """SQL for every submitted field over the assembled row table (prefixes: f_ file, r_ row,
     e_ event, p_ person, lp_ linked cared-for person, fn_/ln_/gp_/pv_ name lookups)."""
@@ -173,11 +181,7 @@ def field_expressions(vocab: Vocabularies) -> dict[str, str]:
     open_at_period_end = f"({is_service} AND (e_end_date IS NULL OR e_end_date > f_period_end))"
     continuation = eo.values[eo.idx("continuation")]
 
-    def la_person_id(no: str) -> str:
-        return f"""CASE f_pid_style
-            WHEN 0 THEN CAST({no} AS VARCHAR)
-            WHEN 1 THEN 'P' || lpad(CAST({no} AS VARCHAR), 8, '0')
-            ELSE upper(substr(f_la_name, 1, 3)) || '-' || CAST({no} AS VARCHAR) END"""
+    la_person_id = la_person_id_sql
 
     return {
         "LA_Code": "f_la_code",
