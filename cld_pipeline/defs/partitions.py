@@ -21,3 +21,9 @@ submission_partitions = dg.MultiPartitionsDefinition({"quarter": quarter_partiti
 
 def submission_partition_key(la_code: str, quarter: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"la": la_code, "quarter": quarter})
+
+
+# Hospital extracts are national, one file per quarter of discharge; their quarters run ahead of
+# and behind the CLD collection's (follow-up windows need earlier and later spells), so they have
+# their own dynamic definition rather than adding empty CLD quarters.
+hospital_quarter_partitions = dg.DynamicPartitionsDefinition(name="hospital_quarter")

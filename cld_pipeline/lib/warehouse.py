@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import duckdb
 import pyarrow as pa
 
 import dagster as dg
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection):
+    """BEGIN ... COMMIT, rolled back on any error (a killed run leaves the tables as they were)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def replace_slice(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str, params: list) -> None:
+    """Replace the rows of `table` matching `where` with the rows of `source` (a relation or
+    `read_parquet(...)`), in one transaction; the table is created from `source` the first time."""
+    schema = table.split(".")[0]
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM {source} LIMIT 0")
+    with transaction(con):
+        con.execute(f"DELETE FROM {table} WHERE {where}", params)
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {source}")
 
 
 def replace_table(con: duckdb.DuckDBPyConnection, schema: str, table: str, data: pa.Table) -> int:

@@ -22,7 +22,7 @@ from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKe
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
 from cld_pipeline.lib import raw_store
 from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
-from cld_pipeline.lib.warehouse import table_schema
+from cld_pipeline.lib.warehouse import replace_slice, table_schema
 from cld_pipeline.spec import load_spec
 
 OWNERS = ["team:cld-platform"]
@@ -151,16 +151,8 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             SELECT count(*), coalesce(sum(k) FILTER (WHERE k < {SMALL_GROUP}), 0), min(k) FROM g""").fetchall()[0]
         work.close()
         with analytics_db.get_connection() as con:
-            con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
-            con.execute(f"CREATE TABLE IF NOT EXISTS pseudonymised.events AS SELECT * FROM read_parquet('{out}') LIMIT 0")
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute("DELETE FROM pseudonymised.events WHERE la_code = ? AND quarter = ?", [la_code, quarter])
-                con.execute(f"INSERT INTO pseudonymised.events BY NAME SELECT * FROM read_parquet('{out}')")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+            replace_slice(con, "pseudonymised.events", f"read_parquet('{out}')", "la_code = ? AND quarter = ?",
+                          [la_code, quarter])
             schema = table_schema(con, "pseudonymised", "events")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

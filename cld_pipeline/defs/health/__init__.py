@@ -1,0 +1,1 @@
+"""Hospital extracts: their own sensor, raw/validated/pseudonymised assets per quarter."""
