@@ -39,6 +39,7 @@ class RunSummary:
     duplicates: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    linked: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -47,22 +48,33 @@ class RunSummary:
     def as_dict(self) -> dict:
         return {"accepted": len(self.accepted), "duplicates": len(self.duplicates),
                 "quarantined": len(self.quarantined), "failed": len(self.failed),
+                "linked_quarters": [e["quarter"] for e in self.linked],
                 "files": self.accepted + self.duplicates + self.quarantined + self.failed}
 
 
 def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> RunSummary:
+    from cld_pipeline.defs.health.sensors import plan_hospital
     from cld_pipeline.defs.ingest.sensors import plan_landing
-    from cld_pipeline.defs.partitions import quarter_partitions
+    from cld_pipeline.defs.partitions import hospital_quarter_partitions, quarter_partitions
     from cld_pipeline.definitions import defs as load_defs
 
     instance = instance or prepare_instance()
     defs = load_defs()
     summary = RunSummary()
-    cursor = None
+    cursors: dict[str, str | None] = {"cld": None, "hospital": None}
     while True:
+        # Hospital extracts first, so that linkage runs after social care finds them loaded.
+        known = set(instance.get_dynamic_partitions(hospital_quarter_partitions.name))
+        requests, new_quarters, cursors["hospital"], _ = plan_hospital(cursors["hospital"], settle=0,
+                                                                       known_quarters=known)
+        if new_quarters:
+            instance.add_dynamic_partitions(hospital_quarter_partitions.name, sorted(new_quarters))
         known = set(instance.get_dynamic_partitions(quarter_partitions.name))
-        requests, new_quarters, cursor, _ = plan_landing(cursor, settle=0, max_files=10_000, known_quarters=known)
+        cld_requests, new_quarters, cursors["cld"], _ = plan_landing(cursors["cld"], settle=0, max_files=10_000,
+                                                                     known_quarters=known)
+        requests += cld_requests
         if not requests:
+            _link_quarters(defs, instance, summary, log)
             return summary
         if new_quarters:
             instance.add_dynamic_partitions(quarter_partitions.name, sorted(new_quarters))
@@ -74,7 +86,7 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
                 tags=request.tags, raise_on_error=False)
             file_name = request.tags["cld/file"]
             entry = {"file": file_name, "run_id": result.run_id, "seconds": round(time.perf_counter() - started, 2)}
-            if request.job_name == "quarantine_job":
+            if request.job_name in ("quarantine_job", "quarantine_hospital_job"):
                 entry["reason"] = request.tags.get("cld/refused")
                 summary.quarantined.append(entry)
                 log(f"refused   {file_name}: {entry['reason']} (see quarantine/{file_name}.error.json)")
@@ -93,7 +105,37 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
             else:
                 entry.update({"la": request.tags.get("cld/la"), "quarter": request.tags.get("cld/quarter")})
                 summary.accepted.append(entry)
-                log(f"landed    {file_name} -> {entry['quarter']} x {entry['la']} in {entry['seconds']} s")
+                where = f"{entry['quarter']} x {entry['la']}" if entry["la"] else f"hospital {entry['quarter']}"
+                log(f"landed    {file_name} -> {where} in {entry['seconds']} s")
+
+
+def _link_quarters(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:
+    """Rebuild the linked tables of every quarter that changed (all of them when a hospital extract
+    arrived), once hospital data is held: what the automation sensor does under the daemon."""
+    from cld_pipeline.defs.partitions import hospital_quarter_partitions, quarter_partitions
+
+    if not instance.get_dynamic_partitions(hospital_quarter_partitions.name):
+        return
+    landed = summary.accepted
+    if not landed:
+        return
+    hospital_changed = any(not e.get("la") for e in landed)
+    quarters = (set(instance.get_dynamic_partitions(quarter_partitions.name)) if hospital_changed
+                else {e["quarter"] for e in landed})
+    job = defs.resolve_job_def("linked_quarter_job")
+    for quarter in sorted(quarters):
+        started = time.perf_counter()
+        result = job.execute_in_process(instance=instance, partition_key=quarter, raise_on_error=False,
+                                        tags={"cld/quarter": quarter})
+        entry = {"file": f"linked {quarter}", "run_id": result.run_id, "quarter": quarter,
+                 "seconds": round(time.perf_counter() - started, 2)}
+        if result.success:
+            summary.linked.append(entry)
+            log(f"linked    {quarter} in {entry['seconds']} s")
+        else:
+            entry["error"] = _failure_message(result)
+            summary.failed.append(entry)
+            log(f"FAILED    linked {quarter}: {entry['error']}")
 
 
 def _failure_message(result) -> str:
