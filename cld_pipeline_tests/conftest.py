@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,41 @@ def clean_collection(tmp_path_factory) -> tuple[Path, dict, dict[str, list[dict[
 def tiny_rows(tiny_collection) -> dict[str, list[dict[str, str]]]:
     data_dir, manifest = tiny_collection
     return {f["file_name"]: read_submission(data_dir / "landing" / f["file_name"]) for f in manifest["files"]}
+
+
+PIPELINE_KEY = secrets.token_hex(32)
+PIPELINE = GeneratorConfig(scale="tiny", quarters=2, seed=17, resubmission_share=0.2)
+
+
+@contextmanager
+def environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pseudonymised_pipeline(tmp_path_factory):
+    """A tiny collection with defects, resubmissions and hospital extracts, processed end to end by
+    `cld-pipeline run` in production mode (the raw rows and extracts are kept for the assertions)."""
+    from cld_pipeline.headless import prepare_instance, process_landing
+
+    data_dir = tmp_path_factory.mktemp("pseudo")
+    manifest = generate(PIPELINE, data_dir, progress=False)
+    rows = {f["file_name"]: read_submission(data_dir / "landing" / f["file_name"]) for f in manifest["files"]}
+    hospital = []
+    for h in manifest["hospital_files"]:
+        with (data_dir / "landing" / h["file_name"]).open(encoding="utf-8") as fh:
+            hospital += list(csv.DictReader(fh))
+    with environment(CLD_DATA_DIR=str(data_dir), DAGSTER_HOME=str(data_dir / "dagster_home"),
+                     CLD_PSEUDO_KEY=PIPELINE_KEY, CLD_ENVIRONMENT="production"):
+        summary = process_landing(prepare_instance(), log=lambda *_: None)
+    assert summary.ok, summary.failed
+    return data_dir, rows, hospital, summary

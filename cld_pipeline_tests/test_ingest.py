@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -22,24 +21,10 @@ from cld_pipeline.defs.partitions import submission_partition_key
 from cld_pipeline.headless import prepare_instance, process_landing
 from cld_pipeline.synthetic import DefectRates, GeneratorConfig, generate
 
-from .conftest import read_submission
+from .conftest import environment, read_submission
 from .test_submission_files import record, write
 
 OLD = time.time() - 3600  # an arrival that has long settled
-
-
-@contextlib.contextmanager
-def environment(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
