@@ -170,7 +170,7 @@ def derived_fields_sql(unique: str) -> str:
     services, after cropping); costs dropped from the joined table by the caller."""
     spec = load_spec()
     birth = "make_date(birth_year, birth_month, 1)"
-    at = f"coalesce(der_event_end_date, ref_period_end)"
+    at = "coalesce(der_event_end_date, ref_period_end)"
     latest = f"CAST(floor(date_diff('day', {birth}, {at}) / 365.25) AS INTEGER)"
     bands = " ".join(f"WHEN {latest} BETWEEN {b.min} AND {b.max} THEN {_quote(b.label)}" for b in spec.derived.age_bands)
     working = " ".join(f"WHEN {latest} BETWEEN {b.min} AND {b.max} THEN {_quote(b.label)}"

@@ -127,7 +127,8 @@ def ascof_2a_sql(joined: str = "joined", persons: str = "persons") -> str:
     return f"""
         WITH stmax AS (
             SELECT la_code, person_id, event_start_date AS s, coalesce(der_event_end_date, {OPEN_END}) AS e,
-                   event_outcome_cleaned AS outcome, event_outcome_hierarchy AS rk, row_number AS rid
+                   event_outcome_cleaned AS outcome, event_outcome_hierarchy AS rk,
+                   submission_id || lpad(CAST(row_number AS VARCHAR), 10, '0') AS rid
             FROM {joined}
             WHERE {_is_service()} AND service_type_cleaned = {st['st_max']} AND {_service_user()}
         ), flagged AS (
@@ -347,7 +348,7 @@ def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
             SELECT la_code, person_id, min(rk) AS best, max(make_date(birth_year, birth_month, 1)) AS youngest
             FROM carer_events WHERE rk IS NOT NULL GROUP BY ALL
         ), carer_groups AS (
-            SELECT *, unnest(list_filter(['{TOTAL}', {_band(f"CAST(floor(date_diff('day', youngest, $period_end) / 365.25) AS INTEGER)")}],
+            SELECT *, unnest(list_filter(['{TOTAL}', {_band("CAST(floor(date_diff('day', youngest, $period_end) / 365.25) AS INTEGER)")}],
                                          lambda x: x IS NOT NULL)) AS grp
             FROM carers
         )

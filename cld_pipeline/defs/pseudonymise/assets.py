@@ -22,7 +22,7 @@ from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKe
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
 from cld_pipeline.lib import raw_store
 from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
-from cld_pipeline.lib.warehouse import replace_slice, table_schema
+from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
 from cld_pipeline.spec import load_spec
 
 OWNERS = ["team:cld-platform"]
@@ -131,6 +131,13 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
                                  allow_retries=False)
             con.execute(f"COPY (SELECT * FROM validated.events WHERE submission_id = ? ORDER BY row_number) "
                         f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)", [current["submission_id"]])
+            # The submission's non-identifying facts, for DHSC's submission selection in the analysts' zone.
+            con.execute(f"""COPY (SELECT s.submission_id, s.la_code, s.quarter, s.received_at, s.reporting_period_start,
+                                        s.reporting_period_end, v.derived_period_start, v.derived_period_end,
+                                        s.status, v.accepted_rows
+                                 FROM raw.submissions s JOIN validated.submissions v USING (submission_id)
+                                 WHERE s.submission_id = ?) TO '{scratch / 'ledger.parquet'}' (FORMAT parquet)""",
+                        [current["submission_id"]])
         ipad, opad = key.pads
         work = duckdb.connect()
         work.execute("SET threads = 2")
@@ -151,8 +158,23 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             SELECT count(*), coalesce(sum(k) FILTER (WHERE k < {SMALL_GROUP}), 0), min(k) FROM g""").fetchall()[0]
         work.close()
         with analytics_db.get_connection() as con:
+            # A superseded submission's rows move to events_history, so benchmarks "as of" an earlier
+            # date can still be rebuilt from the file that was current then.
+            con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
+            con.execute(f"CREATE TABLE IF NOT EXISTS pseudonymised.events AS SELECT * FROM read_parquet('{out}') LIMIT 0")
+            con.execute("CREATE TABLE IF NOT EXISTS pseudonymised.events_history AS SELECT * FROM pseudonymised.events LIMIT 0")
+            with transaction(con):
+                con.execute("""INSERT INTO pseudonymised.events_history BY NAME SELECT * FROM pseudonymised.events
+                               WHERE la_code = ? AND quarter = ? AND submission_id <> ? AND submission_id NOT IN
+                                     (SELECT DISTINCT submission_id FROM pseudonymised.events_history)""",
+                            [la_code, quarter, current["submission_id"]])
+                con.execute("DELETE FROM pseudonymised.events_history WHERE submission_id = ?", [current["submission_id"]])
             replace_slice(con, "pseudonymised.events", f"read_parquet('{out}')", "la_code = ? AND quarter = ?",
                           [la_code, quarter])
+            replace_slice(con, "pseudonymised.submissions", f"read_parquet('{scratch / 'ledger.parquet'}')",
+                          "submission_id = ?", [current["submission_id"]])
+            con.execute("UPDATE pseudonymised.submissions SET status = 'superseded' WHERE la_code = ? AND quarter = ? "
+                        "AND submission_id <> ?", [la_code, quarter, current["submission_id"]])
             schema = table_schema(con, "pseudonymised", "events")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

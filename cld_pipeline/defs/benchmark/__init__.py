@@ -1,0 +1,1 @@
+"""Benchmark layer: DHSC main tables, measures with disclosure control, LA dashboards."""

@@ -1,0 +1,313 @@
+"""Build one quarter's benchmark: DHSC main tables, unsuppressed figures, then the shared tables.
+
+`build_benchmark` works on a DuckDB connection to analytics.duckdb (pseudonymised events, their
+history, the submissions ledger, reference and linked tables) and leaves temp tables:
+`single`, `joined`, `persons`; `raw_activity`, `raw_costs`, `raw_waiting_times`, `raw_ascof`
+(unsuppressed: the caller copies them to the processor zone only); and the shared
+`activity`, `costs`, `waiting_times`, `ascof`, `comparison` (after disclosure control).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from cld_pipeline.lib import dhsc, disclosure, measures
+from cld_pipeline.reference import load_local_authorities
+from cld_pipeline.spec import load_spec
+
+ENGLAND_CODE, ENGLAND_NAME = "E92000001", "England"
+JOINED_START = dt.date(2023, 4, 1)     # DHSC's joined table runs from the start of CLD collection
+NOT_RECORDED = "Not recorded"
+INTERVALS = ("request_to_assessment", "assessment_to_service", "request_to_service")
+WAIT_BANDS = ((0, 7, "0 to 7 days"), (8, 28, "8 to 28 days"), (29, 56, "29 to 56 days"), (57, 91, "57 to 91 days"),
+              (92, 100_000, "92 days or more"))
+
+
+@dataclass(frozen=True)
+class BenchmarkInputs:
+    quarter: str
+    period_start: dt.date
+    period_end: dt.date
+    as_of: dt.date
+    joined_start: dt.date = JOINED_START
+
+
+def _params(inputs: BenchmarkInputs) -> dict:
+    return {"period_start": inputs.period_start, "period_end": inputs.period_end, "as_of": inputs.as_of}
+
+
+def _run(con, sql: str, params: dict) -> None:
+    con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+
+
+def _geographies(value_cols: str, source: str, extra_group: str) -> str:
+    """LA, region and England rows of an aggregate over `source` (which has la_code, region_code)."""
+    return f"""
+        SELECT CASE WHEN grouping(la_code) = 0 THEN 'LA' WHEN grouping(region_code) = 0 THEN 'Region'
+                    ELSE 'England' END AS geography_level,
+               coalesce(la_code, region_code, '{ENGLAND_CODE}') AS geography_code, {extra_group}, {value_cols}
+        FROM {source}
+        GROUP BY GROUPING SETS ((la_code, region_code, {extra_group}), (region_code, {extra_group}), ({extra_group}))"""
+
+
+def build_main_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -> dict[str, int]:
+    params = _params(inputs)
+    con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
+        SELECT submission_id, la_code, received_at, derived_period_start, derived_period_end
+        FROM pseudonymised.submissions WHERE derived_period_start IS NOT NULL""")
+    _run(con, f"CREATE OR REPLACE TEMP TABLE selection_single AS {dhsc.single_selection_sql()}", params)
+    windows = dhsc.quarter_windows(inputs.joined_start, inputs.period_end)
+    _run(con, f"CREATE OR REPLACE TEMP TABLE selection_joined AS {dhsc.joined_selection_sql(windows)}", params)
+    con.execute("""CREATE OR REPLACE TEMP VIEW rows AS
+        SELECT * FROM pseudonymised.events
+        WHERE submission_id IN (SELECT submission_id FROM selection_single UNION SELECT submission_id FROM selection_joined)
+        UNION ALL BY NAME
+        SELECT * FROM pseudonymised.events_history
+        WHERE submission_id IN (SELECT submission_id FROM selection_single UNION SELECT submission_id FROM selection_joined)""")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE single AS {dhsc.main_table_sql('SELECT * FROM selection_single', 'rows', single=True)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE joined AS {dhsc.main_table_sql('SELECT * FROM selection_joined', 'rows', single=False)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE persons AS {measures.persons_sql()}")
+    councils = list(load_local_authorities())
+    con.register("councils_in", pa.table({
+        "la_code": [c.submission_code for c in councils], "la_name": [c.name for c in councils],
+        "region_code": [c.region_code for c in councils], "region_name": [c.region_name for c in councils],
+        "pop_18_plus": pa.array([c.population_18_plus for c in councils], pa.int64()),
+        "pop_65_plus": pa.array([c.population_65_plus for c in councils], pa.int64())}))
+    con.execute("""CREATE OR REPLACE TEMP TABLE population AS
+        SELECT *, pop_18_plus - pop_65_plus AS pop_18_64 FROM councils_in""")
+    con.unregister("councils_in")
+    con.execute("""CREATE OR REPLACE TEMP TABLE submissions_used AS
+        SELECT la_code, string_agg(DISTINCT submission_id, ',' ORDER BY submission_id) AS submission_ids
+        FROM (SELECT la_code, submission_id FROM selection_single UNION SELECT la_code, submission_id FROM selection_joined)
+        GROUP BY la_code""")
+    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in ("selection_single", "selection_joined", "single", "joined", "persons")}
+
+
+def _breakdowns() -> str:
+    """Per row of `single`: the (breakdown, value) pairs it counts under; type-specific ones only
+    for their event type; blanks as 'Not recorded' so a breakdown's values add up to its total."""
+    pairs = {
+        "event_outcome": "event_outcome_cleaned", "client_type": "client_type_cleaned", "age_band": "der_age_band",
+        "gender": "gender_cleaned", "ethnicity": "ethnicity_grouped",
+    }
+    specific = {"request_route_of_access": ("request", "request_route_of_access_cleaned"),
+                "assessment_type": ("assessment", "assessment_type_cleaned"),
+                "service_type": ("service", "service_type_cleaned"),
+                "service_component": ("service", "service_component_cleaned"),
+                "review_type": ("review", "review_type")}
+    items = ["{'b': 'total', 'v': 'total'}"]
+    items += [f"{{'b': '{b}', 'v': coalesce({c}, '{NOT_RECORDED}')}}" for b, c in pairs.items()]
+    items += [f"CASE WHEN {dhsc.is_event(t)} THEN {{'b': '{b}', 'v': coalesce({c}, '{NOT_RECORDED}')}} END"
+              for b, (t, c) in specific.items()]
+    return f"list_filter([{', '.join(items)}], lambda x: x IS NOT NULL)"
+
+
+def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -> None:
+    params = _params(inputs)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE activity_base AS
+        SELECT s.la_code, p.region_code, s.person_id, s.event_type_cleaned AS event_type, x.b AS breakdown,
+               x.v AS breakdown_value
+        FROM (SELECT *, unnest({_breakdowns()}) AS x FROM single) s JOIN population p USING (la_code)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_activity AS
+        {_geographies('count(*) AS events, count(DISTINCT person_id) AS people', 'activity_base',
+                      'event_type, breakdown, breakdown_value')}""")
+
+    # Costs (outputs-and-measures.md 2.4): services overlapping the period's last quarter.
+    freq = load_spec().code_list("cost_frequency_unit_type")
+    per_week = " ".join(
+        f"WHEN '{v.value}' THEN " + ("abs(planned_units_per_week)" if v.attrs.get("per_week") == "planned_units"
+                                     else str(v.attrs.get("per_week")) if v.attrs.get("per_week") is not None else "NULL")
+        for v in freq.values)
+    one_off = dhsc.value("cost_frequency_unit_type", "one_off")
+    q_start = dt.date(inputs.period_end.year, inputs.period_end.month, 1) - dt.timedelta(days=62)
+    q_start = dt.date(q_start.year, q_start.month, 1)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE cost_rows AS
+        WITH s AS (
+            SELECT la_code, person_id, service_type_cleaned, abs(unit_cost) AS unit_cost_abs,
+                   cost_frequency_unit_type_cleaned = {one_off} AS one_off,
+                   CASE cost_frequency_unit_type_cleaned {per_week} ELSE abs(planned_units_per_week) END AS units,
+                   greatest(event_start_date, DATE '{q_start}') AS s, least(coalesce(der_event_end_date,
+                   DATE '{inputs.period_end}'), DATE '{inputs.period_end}') AS e
+            FROM single WHERE {dhsc.is_event('service')} AND event_start_date <= DATE '{inputs.period_end}'
+              AND coalesce(der_event_end_date >= DATE '{q_start}', true)
+        )
+        SELECT la_code, person_id, service_type_cleaned,
+               CAST(CASE WHEN one_off THEN unit_cost_abs
+                         ELSE unit_cost_abs * units * (date_diff('day', s, e) + 1) / 7.0 END AS DECIMAL(18, 2))
+                   AS total_cost   -- exact sums: the same data always gives the same pounds
+        FROM s WHERE coalesce(unit_cost_abs, 0) <> 0 AND (one_off OR coalesce(units, 0) <> 0)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_costs AS
+        {_geographies('count(DISTINCT person_id) AS people, sum(total_cost) AS total_cost',
+                      "(SELECT c.*, p.region_code, x.b AS breakdown, x.v AS breakdown_value FROM cost_rows c "
+                      "JOIN population p USING (la_code), LATERAL (SELECT unnest([{'b': 'total', 'v': 'total'}, "
+                      "{'b': 'service_type', 'v': coalesce(c.service_type_cleaned, 'Not recorded')}]) AS x))",
+                      'breakdown, breakdown_value')}""")
+
+    # Waiting times (section 4): waits whose response (or service) started in the 12-month period.
+    _run(con, f"CREATE OR REPLACE TEMP TABLE waits AS {measures.waits_sql()}", params)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE wait_rows AS
+        SELECT w.la_code, p.region_code, 'request_to_assessment' AS interval,
+               date_diff('day', request_start, response_start) AS days, person_id
+        FROM waits w JOIN population p USING (la_code)
+        WHERE response_start BETWEEN DATE '{inputs.period_start}' AND DATE '{inputs.period_end}'
+        UNION ALL
+        SELECT w.la_code, p.region_code, 'assessment_to_service', date_diff('day', response_start, service_start), person_id
+        FROM waits w JOIN population p USING (la_code)
+        WHERE response = 'assessment' AND service_start BETWEEN DATE '{inputs.period_start}' AND DATE '{inputs.period_end}'
+        UNION ALL
+        SELECT w.la_code, p.region_code, 'request_to_service', date_diff('day', request_start, service_start), person_id
+        FROM waits w JOIN population p USING (la_code)
+        WHERE service_start BETWEEN DATE '{inputs.period_start}' AND DATE '{inputs.period_end}'""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_waiting_times AS
+        {_geographies("count(*) AS people, quantile_cont(days, 0.5) AS median_days, quantile_cont(days, 0.9) AS p90_days, "
+                      "count(*) FILTER (WHERE days <= 28) AS within_28_days", 'wait_rows', 'interval')}""")
+
+    bands = " ".join(f"WHEN days BETWEEN {lo} AND {hi} THEN {i}" for i, (lo, hi, _) in enumerate(WAIT_BANDS))
+    labels = " ".join(f"WHEN {i} THEN '{label}'" for i, (_, _, label) in enumerate(WAIT_BANDS))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_waiting_time_bands AS
+        SELECT *, CASE band_order {labels} END AS wait_band FROM (
+        {_geographies('count(*) AS people', f"(SELECT *, CASE {bands} ELSE 0 END AS band_order FROM wait_rows)",
+                      'interval, band_order')})""")
+
+    # ASCOF: LA rows from the measures, every LA present (0/0 when it has no data), then region and England sums.
+    parts = [measures.ascof_2a_sql(), measures.ascof_2bc_sql(), measures.ascof_2e_sql(), measures.ascof_3d_sql()]
+    _run(con, "CREATE OR REPLACE TEMP TABLE ascof_la AS " + " UNION ALL ".join(f"SELECT * FROM ({p})" for p in parts),
+         params)
+    has_2d = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'linked' "
+                         "AND table_name = 'ascof_2d'").fetchall()[0][0]
+    if has_2d:
+        con.execute("INSERT INTO ascof_la SELECT la_code, measure, 'Total', numerator, denominator FROM linked.ascof_2d "
+                    "WHERE quarter = ?", [inputs.quarter])
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_ascof AS
+        WITH grid AS (SELECT p.la_code, p.region_code, m.measure, m.measure_group,
+                             coalesce(a.numerator, 0) AS numerator,
+                             coalesce(a.denominator, CASE WHEN m.measure = '2B' THEN p.pop_18_64
+                                                          WHEN m.measure = '2C' THEN p.pop_65_plus ELSE 0 END) AS denominator
+                      FROM population p CROSS JOIN (SELECT DISTINCT measure, measure_group FROM ascof_la) m
+                      LEFT JOIN ascof_la a ON a.la_code = p.la_code AND a.measure = m.measure
+                                          AND a.measure_group = m.measure_group)
+        {_geographies('sum(numerator) AS numerator, sum(denominator) AS denominator', 'grid', 'measure, measure_group')}""")
+
+
+def _names(alias: str = "t") -> str:
+    return f"""coalesce((SELECT la_name FROM population WHERE la_code = {alias}.geography_code),
+                        (SELECT any_value(region_name) FROM population WHERE region_code = {alias}.geography_code),
+                        '{ENGLAND_NAME}')"""
+
+
+def _sources(alias: str = "t") -> str:
+    """The submissions behind a row: the LA's own, or all of its region's / England's."""
+    return f"""CASE {alias}.geography_level
+        WHEN 'LA' THEN (SELECT submission_ids FROM submissions_used WHERE la_code = {alias}.geography_code)
+        WHEN 'Region' THEN (SELECT string_agg(u.submission_ids, ',' ORDER BY u.la_code) FROM submissions_used u
+                            JOIN population p USING (la_code) WHERE p.region_code = {alias}.geography_code)
+        ELSE (SELECT string_agg(submission_ids, ',' ORDER BY la_code) FROM submissions_used) END"""
+
+
+def build_shared_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -> dict[str, int]:
+    """Disclosure control, then the tables councils see (every row with quarter, as-of date, sources)."""
+    head = f"'{inputs.quarter}' AS quarter, DATE '{inputs.as_of}' AS as_of_date"
+    count, rate, stat = disclosure.count_sql, disclosure.rate_sql, disclosure.statistic_sql
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE activity AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.event_type, t.breakdown,
+               t.breakdown_value, {count('t.events')} AS events, {count('t.people')} AS people,
+               t.events AS _raw_events, t.people AS _raw_people, {_sources()} AS submission_ids
+        FROM raw_activity t""")
+    # Groups of cells that add up to a total, each with that total's own cell: a breakdown's values
+    # and the geography's 'total' row; the LAs of a region and the region; the regions and England.
+    con.execute("ALTER TABLE activity ADD COLUMN _region VARCHAR")
+    con.execute("ALTER TABLE activity ADD COLUMN _nation VARCHAR")
+    con.execute("""UPDATE activity SET
+        _region = CASE geography_level WHEN 'Region' THEN geography_code WHEN 'LA' THEN
+                  (SELECT region_code FROM population WHERE la_code = geography_code) END,
+        _nation = CASE WHEN geography_level IN ('Region', 'England') THEN 'England' END""")
+    breakdowns = [b for (b,) in con.execute("SELECT DISTINCT breakdown FROM activity WHERE breakdown <> 'total'").fetchall()]
+    groups = [(["geography_level", "geography_code", "event_type"], f"breakdown IN ('total', '{b}')") for b in breakdowns]
+    groups += [(["_region", "event_type", "breakdown", "breakdown_value"], "_region IS NOT NULL"),
+               (["_nation", "event_type", "breakdown", "breakdown_value"], "_nation IS NOT NULL")]
+    secondary = 0
+    for shown, raw in (("events", "_raw_events"), ("people", "_raw_people")):
+        secondary += disclosure.secondary_suppression(
+            con, "activity", raw, shown, groups,
+            order=["geography_level", "geography_code", "event_type", "breakdown", "breakdown_value"])
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE activity AS
+        SELECT a.* EXCLUDE (_raw_events, _raw_people, _region, _nation, submission_ids),
+               {rate('a.events', 'p.pop', 100000, 1)} AS events_per_100k_adults, a.submission_ids
+        FROM activity a LEFT JOIN (
+            SELECT 'LA' AS l, la_code AS c, pop_18_plus AS pop FROM population
+            UNION ALL SELECT 'Region', region_code, sum(pop_18_plus) FROM population
+                      WHERE la_code IN (SELECT la_code FROM selection_single) GROUP BY region_code
+            UNION ALL SELECT 'England', '{ENGLAND_CODE}', sum(pop_18_plus) FROM population
+                      WHERE la_code IN (SELECT la_code FROM selection_single)) p
+          ON p.l = a.geography_level AND p.c = a.geography_code""")
+
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE waiting_time_bands AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.interval, t.band_order,
+               t.wait_band, {count('t.people')} AS people, t.people AS _raw, {_sources()} AS submission_ids
+        FROM raw_waiting_time_bands t""")
+    secondary += disclosure.secondary_suppression(con, "waiting_time_bands", "_raw", "people",
+                                                  [(["geography_level", "geography_code", "interval"], "true")],
+                                                  order=["geography_level", "geography_code", "interval", "band_order"])
+    con.execute("ALTER TABLE waiting_time_bands DROP COLUMN _raw")
+
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE costs AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.breakdown, t.breakdown_value,
+               {count('t.people')} AS people,
+               CASE WHEN {count('t.people')} IS NOT NULL THEN round(t.total_cost, 0) END AS total_cost,
+               {_sources()} AS submission_ids
+        FROM raw_costs t""")
+
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE waiting_times AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.interval,
+               {count('t.people')} AS people, {stat('round(t.median_days, 1)', 't.people')} AS median_days,
+               {stat('round(t.p90_days, 1)', 't.people')} AS p90_days,
+               {rate(count('t.within_28_days'), count('t.people'), 100, 1)} AS share_within_28_days,
+               {_sources()} AS submission_ids
+        FROM raw_waiting_times t""")
+
+    per_100k = "t.measure IN ('2B', '2C')"
+    digits = "CASE WHEN t.measure LIKE '2D%' THEN 2 ELSE 1 END"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE ascof AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.measure, t.measure_group,
+               {count('t.numerator')} AS numerator,
+               CASE WHEN {per_100k} THEN t.denominator ELSE {count('t.denominator')} END AS denominator,
+               CASE WHEN {per_100k} THEN {rate(count('t.numerator'), 't.denominator', 100000, 1)}
+                    WHEN {digits} = 2 THEN {rate(count('t.numerator'), count('t.denominator'), 100, 2)}
+                    ELSE {rate(count('t.numerator'), count('t.denominator'), 100, 1)} END AS value,
+               {_sources()} AS submission_ids
+        FROM raw_ascof t""")
+
+    # Comparison: each LA's headline figures beside its region and England, and its rank among LAs.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE comparison AS
+        WITH headline AS (
+            SELECT geography_level, geography_code, 'ascof ' || measure || ' (' || measure_group || ')' AS figure,
+                   CAST(value AS DOUBLE) AS value FROM ascof
+            WHERE measure_group IN ('Total', '18 to 64', '65 and above') OR measure_group LIKE '%: Total'
+            UNION ALL
+            SELECT geography_level, geography_code, 'median days ' || interval, CAST(median_days AS DOUBLE) FROM waiting_times
+            UNION ALL
+            SELECT geography_level, geography_code, lower(event_type) || 's per 100,000 adults',
+                   CAST(events_per_100k_adults AS DOUBLE) FROM activity WHERE breakdown = 'total'
+        )
+        SELECT {head}, l.geography_code AS la_code, p.la_name, p.region_code, p.region_name, l.figure,
+               l.value AS la_value, r.value AS region_value, e.value AS england_value,
+               CASE WHEN l.value IS NOT NULL THEN rank() OVER (PARTITION BY l.figure ORDER BY l.value DESC NULLS LAST) END
+                   AS la_rank,
+               count(l.value) OVER (PARTITION BY l.figure) AS las_ranked
+        FROM headline l JOIN population p ON p.la_code = l.geography_code
+        LEFT JOIN headline r ON r.geography_level = 'Region' AND r.geography_code = p.region_code AND r.figure = l.figure
+        LEFT JOIN headline e ON e.geography_level = 'England' AND e.figure = l.figure
+        WHERE l.geography_level = 'LA'""")
+    counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+              for t in SHARED_TABLES}
+    counts["secondary_suppressions"] = secondary
+    return counts
+
+
+SHARED_TABLES = ("activity", "costs", "waiting_times", "waiting_time_bands", "ascof", "comparison")
+RAW_TABLES = ("raw_activity", "raw_costs", "raw_waiting_times", "raw_waiting_time_bands", "raw_ascof")
