@@ -48,7 +48,7 @@ class RunSummary:
     def as_dict(self) -> dict:
         return {"accepted": len(self.accepted), "duplicates": len(self.duplicates),
                 "quarantined": len(self.quarantined), "failed": len(self.failed),
-                "linked_quarters": [e["quarter"] for e in self.linked],
+                "quarter_builds": [f"{e['layer']} {e['quarter']}" for e in self.linked],
                 "files": self.accepted + self.duplicates + self.quarantined + self.failed}
 
 
@@ -74,7 +74,7 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
                                                                      known_quarters=known)
         requests += cld_requests
         if not requests:
-            _link_quarters(defs, instance, summary, log)
+            _rebuild_quarters(defs, instance, summary, log)
             return summary
         if new_quarters:
             instance.add_dynamic_partitions(quarter_partitions.name, sorted(new_quarters))
@@ -109,33 +109,40 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
                 log(f"landed    {file_name} -> {where} in {entry['seconds']} s")
 
 
-def _link_quarters(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:
-    """Rebuild the linked tables of every quarter that changed (all of them when a hospital extract
-    arrived), once hospital data is held: what the automation sensor does under the daemon."""
+def _rebuild_quarters(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:
+    """Rebuild the quarter-level layers of every quarter that changed (all of them when a hospital
+    extract arrived): what the automation sensor does under the daemon. Linked tables need hospital
+    data; the benchmark follows them."""
     from cld_pipeline.defs.partitions import hospital_quarter_partitions, quarter_partitions
 
-    if not instance.get_dynamic_partitions(hospital_quarter_partitions.name):
-        return
     landed = summary.accepted
     if not landed:
         return
     hospital_changed = any(not e.get("la") for e in landed)
     quarters = (set(instance.get_dynamic_partitions(quarter_partitions.name)) if hospital_changed
                 else {e["quarter"] for e in landed})
-    job = defs.resolve_job_def("linked_quarter_job")
+    jobs = ["benchmark_quarter_job"]
+    if instance.get_dynamic_partitions(hospital_quarter_partitions.name):
+        jobs.insert(0, "linked_quarter_job")
     for quarter in sorted(quarters):
-        started = time.perf_counter()
-        result = job.execute_in_process(instance=instance, partition_key=quarter, raise_on_error=False,
-                                        tags={"cld/quarter": quarter})
-        entry = {"file": f"linked {quarter}", "run_id": result.run_id, "quarter": quarter,
-                 "seconds": round(time.perf_counter() - started, 2)}
-        if result.success:
-            summary.linked.append(entry)
-            log(f"linked    {quarter} in {entry['seconds']} s")
-        else:
-            entry["error"] = _failure_message(result)
-            summary.failed.append(entry)
-            log(f"FAILED    linked {quarter}: {entry['error']}")
+        for name in jobs:
+            _run_quarter_job(defs.resolve_job_def(name), instance, quarter, summary, log)
+
+
+def _run_quarter_job(job, instance: dg.DagsterInstance, quarter: str, summary: RunSummary, log) -> None:
+    layer = job.name.removesuffix("_quarter_job")
+    started = time.perf_counter()
+    result = job.execute_in_process(instance=instance, partition_key=quarter, raise_on_error=False,
+                                    tags={"cld/quarter": quarter})
+    entry = {"file": f"{layer} {quarter}", "run_id": result.run_id, "quarter": quarter, "layer": layer,
+             "seconds": round(time.perf_counter() - started, 2)}
+    if result.success:
+        summary.linked.append(entry)
+        log(f"{layer:<9} {quarter} in {entry['seconds']} s")
+    else:
+        entry["error"] = _failure_message(result)
+        summary.failed.append(entry)
+        log(f"FAILED    {layer} {quarter}: {entry['error']}")
 
 
 def _failure_message(result) -> str:

@@ -102,7 +102,8 @@ def test_an_inconsistent_spec_is_refused():
             f["mandatory"] = {"when": {"field": "Event_Type", "in": ["Referral"]}, "note": "typo"}
     code_lists = {n: CodeList(name=n, **b) for n, b in lists.items()}
     with pytest.raises(ValueError, match="not in Event_Type"):
-        CLDSpec(fields=bad, hospital_fields=raw["hospital_fields"], code_lists=code_lists, derived=raw["derived"])
+        CLDSpec(fields=bad, hospital_fields=raw["hospital_fields"], code_lists=code_lists, derived=raw["derived"],
+                linkage=raw["linkage"])
 
 
 def _code_values() -> dict[str, str]:

@@ -83,6 +83,7 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
     try:
         bar.set_postfix_str(f"writing {len(files)} submissions")
         Renderer(con, truth, vocab, files, overrides_by_field(defects)).write(landing, staging)
+        write_row_truth(files, out_dir)
         bar.update()
         hospital_files: list[dict] = []
         if config.hospital:
@@ -127,6 +128,20 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
+
+
+def write_row_truth(files, out_dir: Path) -> None:
+    """`truth_rows.parquet`: which simulated event each submitted row describes (file name, row
+    number from 1, event), so de-duplication can be checked against the events that really happened."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({
+        "file_name": pa.DictionaryArray.from_arrays(
+            pa.array(np.repeat(np.arange(len(files), dtype=np.int32), [f.rows.size for f in files])),
+            pa.array([f.file_name for f in files], pa.string())),
+        "row_number": pa.array(np.concatenate([np.arange(1, f.rows.size + 1) for f in files]), pa.int64()),
+        "event": pa.array(np.concatenate([f.rows for f in files]).astype(np.int64)),
+    }), out_dir / "truth_rows.parquet")
 
 
 def write_linkage_truth(con: duckdb.DuckDBPyConnection, truth, files, spells, out_dir: Path) -> None:
