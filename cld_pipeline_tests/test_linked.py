@@ -326,3 +326,21 @@ def test_ad_hoc_cohort_produces_the_table_its_config_asks_for(pseudonymised_pipe
                          run_config={"ops": {"analyst__cohort_linkage": {"config": {"age_bands": ["old"]}}}},
                          raise_on_error=False)
     assert not bad.success
+
+
+def test_ascof_2d_worked_example_part_1_fifty_and_part_2_twenty_percent():
+    """outputs-and-measures.md 3.3: 10 discharges of 65+ residents; two link to reablement, one of
+    them followed by an emergency readmission: part 1 = 1/2 = 50.00 %, part 2 = 2/10 = 20.00 %."""
+    st_max = dict(service_component_cleaned=_values("service_component", ("reablement",)).strip("'"))
+    d1, d2 = dt.date(2025, 6, 10), dt.date(2025, 7, 1)
+    care = [_service("c1", d1 + dt.timedelta(days=2), "st_max", **st_max),
+            _service("c2", d2 + dt.timedelta(days=1), "st_max", **st_max)]
+    care += [_service(f"o{i}", dt.date(2025, 5, 1), "st_low_level") for i in range(8)]   # known, no reablement
+    spells = [_discharge("c1", d1), _discharge("c2", d2),
+              {"person_id": "c2", "admission_date": dt.date(2025, 8, 15), "discharge_date": None,   # still in
+               "management_type": "EM"}]
+    spells += [_discharge(f"o{i}", dt.date(2025, 6, 1) + dt.timedelta(days=i)) for i in range(8)]
+    con = _build(care, spells)
+    got = dict(((m, (n, d, v)) for m, n, d, v in con.execute(
+        "SELECT measure, numerator, denominator, value FROM ascof_2d").fetchall()))
+    assert got == {"2D-1": (1, 2, 50.0), "2D-2": (2, 10, 20.0)}

@@ -27,6 +27,18 @@ WAIT_BANDS = ((0, 7, "0 to 7 days"), (8, 28, "8 to 28 days"), (29, 56, "29 to 56
               (92, 100_000, "92 days or more"))
 
 
+# The columns the main tables carry (DHSC keeps a fixed subset too): identifiers of the row and the
+# person, every field the method and the measures read, and the breakdowns the tables offer.
+MAIN_COLUMNS = (
+    "submission_id", "row_number", "la_code", "quarter", "person_id", "birth_year", "birth_month",
+    "age_at_event_start", "gender_cleaned", "ethnicity_cleaned", "date_of_death", "client_type_cleaned",
+    "primary_support_reason_cleaned", "accommodation_status_cleaned", "event_type_cleaned", "event_start_date",
+    "event_end_date", "der_conversation", "event_outcome_cleaned", "request_route_of_access_cleaned",
+    "assessment_type_cleaned", "review_reason_cleaned", "service_type_cleaned", "service_component_cleaned",
+    "delivery_mechanism_cleaned", "unit_cost", "cost_frequency_unit_type_cleaned", "planned_units_per_week",
+)
+
+
 @dataclass(frozen=True)
 class BenchmarkInputs:
     quarter: str
@@ -62,11 +74,12 @@ def build_main_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -
     _run(con, f"CREATE OR REPLACE TEMP TABLE selection_single AS {dhsc.single_selection_sql()}", params)
     windows = dhsc.quarter_windows(inputs.joined_start, inputs.period_end)
     _run(con, f"CREATE OR REPLACE TEMP TABLE selection_joined AS {dhsc.joined_selection_sql(windows)}", params)
-    con.execute("""CREATE OR REPLACE TEMP VIEW rows AS
-        SELECT * FROM pseudonymised.events
+    columns = ", ".join(MAIN_COLUMNS)
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW rows AS
+        SELECT {columns} FROM pseudonymised.events
         WHERE submission_id IN (SELECT submission_id FROM selection_single UNION SELECT submission_id FROM selection_joined)
-        UNION ALL BY NAME
-        SELECT * FROM pseudonymised.events_history
+        UNION ALL
+        SELECT {columns} FROM pseudonymised.events_history
         WHERE submission_id IN (SELECT submission_id FROM selection_single UNION SELECT submission_id FROM selection_joined)""")
     con.execute(f"CREATE OR REPLACE TEMP TABLE single AS {dhsc.main_table_sql('SELECT * FROM selection_single', 'rows', single=True)}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE joined AS {dhsc.main_table_sql('SELECT * FROM selection_joined', 'rows', single=False)}")
@@ -88,34 +101,41 @@ def build_main_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -
             for t in ("selection_single", "selection_joined", "single", "joined", "persons")}
 
 
-def _breakdowns() -> str:
-    """Per row of `single`: the (breakdown, value) pairs it counts under; type-specific ones only
-    for their event type; blanks as 'Not recorded' so a breakdown's values add up to its total."""
-    pairs = {
-        "event_outcome": "event_outcome_cleaned", "client_type": "client_type_cleaned", "age_band": "der_age_band",
-        "gender": "gender_cleaned", "ethnicity": "ethnicity_grouped",
-    }
-    specific = {"request_route_of_access": ("request", "request_route_of_access_cleaned"),
-                "assessment_type": ("assessment", "assessment_type_cleaned"),
-                "service_type": ("service", "service_type_cleaned"),
-                "service_component": ("service", "service_component_cleaned"),
-                "review_type": ("review", "review_type")}
-    items = ["{'b': 'total', 'v': 'total'}"]
-    items += [f"{{'b': '{b}', 'v': coalesce({c}, '{NOT_RECORDED}')}}" for b, c in pairs.items()]
-    items += [f"CASE WHEN {dhsc.is_event(t)} THEN {{'b': '{b}', 'v': coalesce({c}, '{NOT_RECORDED}')}} END"
-              for b, (t, c) in specific.items()]
-    return f"list_filter([{', '.join(items)}], lambda x: x IS NOT NULL)"
+def _breakdowns() -> dict[str, tuple[str | None, str]]:
+    """Breakdown name -> (event type key it applies to, or None for all; column). Blanks count as
+    'Not recorded' so that a breakdown's values add up to its total."""
+    return {"event_outcome": (None, "event_outcome_cleaned"), "client_type": (None, "client_type_cleaned"),
+            "age_band": (None, "der_age_band"), "gender": (None, "gender_cleaned"),
+            "ethnicity": (None, "ethnicity_grouped"),
+            "request_route_of_access": ("request", "request_route_of_access_cleaned"),
+            "assessment_type": ("assessment", "assessment_type_cleaned"),
+            "service_type": ("service", "service_type_cleaned"),
+            "service_component": ("service", "service_component_cleaned"),
+            "review_type": ("review", "review_type")}
+
+
+def _activity_sql() -> str:
+    """Events and distinct people per geography, event type and breakdown value: one aggregate per
+    breakdown and level (each bounded in memory), rather than one exploded row per pair."""
+    parts = []
+    levels = {"LA": ("la_code", "la_code"), "Region": ("region_code", "region_code"),
+              "England": (f"'{ENGLAND_CODE}'", "1")}
+    items = {"total": (None, "'total'"), **{b: (t, f"coalesce({c}, '{NOT_RECORDED}')") for b, (t, c) in _breakdowns().items()}}
+    for level, (code, group) in levels.items():
+        for breakdown, (event, value) in items.items():
+            where = f"WHERE {dhsc.is_event(event)}" if event else ""
+            parts.append(f"""SELECT '{level}' AS geography_level, {code} AS geography_code, event_type_cleaned AS event_type,
+                                    '{breakdown}' AS breakdown, {value} AS breakdown_value,
+                                    count(*) AS events, count(DISTINCT person_id) AS people
+                             FROM activity_base {where} GROUP BY {group}, event_type_cleaned, {value}""")
+    return " UNION ALL ".join(parts)
 
 
 def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -> None:
     params = _params(inputs)
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE activity_base AS
-        SELECT s.la_code, p.region_code, s.person_id, s.event_type_cleaned AS event_type, x.b AS breakdown,
-               x.v AS breakdown_value
-        FROM (SELECT *, unnest({_breakdowns()}) AS x FROM single) s JOIN population p USING (la_code)""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_activity AS
-        {_geographies('count(*) AS events, count(DISTINCT person_id) AS people', 'activity_base',
-                      'event_type, breakdown, breakdown_value')}""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE activity_base AS
+        SELECT s.*, p.region_code FROM single s JOIN population p USING (la_code)""")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE raw_activity AS {_activity_sql()}")
 
     # Costs (outputs-and-measures.md 2.4): services overlapping the period's last quarter.
     freq = load_spec().code_list("cost_frequency_unit_type")

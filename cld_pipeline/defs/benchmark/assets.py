@@ -27,6 +27,7 @@ from cld_pipeline.lib.dashboard import DashboardBuilder
 from cld_pipeline.lib.warehouse import replace_slice, table_schema
 
 OWNERS = ["team:cld-benchmarking"]
+MEMORY_LIMIT = "3GB"
 SHARED = {
     "activity": "Requests, assessments, services and reviews: events and people by LA, region and England, by "
                 "outcome, route, service type and component, client type, age band, gender, ethnicity; per 100,000 adults.",
@@ -99,7 +100,10 @@ def benchmark_quarter(context: dg.AssetExecutionContext, config: BenchmarkConfig
     scratch = _scratch()
     try:
         with analytics_db.get_connection() as con:
+            # Bounded memory whatever the national volume: DuckDB spills sorts and joins to scratch.
             con.execute(f"SET temp_directory = '{scratch}'")
+            con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+            con.execute("SET preserve_insertion_order = false")
             main_counts = benchmark.build_main_tables(con, inputs)
             benchmark.build_raw_measures(con, inputs)
             counts = benchmark.build_shared_tables(con, inputs)

@@ -189,9 +189,13 @@ def derived_reporting_period(con: duckdb.DuckDBPyConnection, raw_rows: Path,
     month qualify when they hold at least 2% of the rows and nearly the full mix of event types."""
     end = ("COALESCE(TRY_STRPTIME(trim(event_end_date), '%Y-%m-%d'), "
            "TRY_STRPTIME(trim(event_end_date), '%d/%m/%Y'))::DATE")
+    # Event types are told by prefix, as in DHSC's newer method (V2): counting raw spellings would let one
+    # row with a stray variant ("service ", "SERVICE") raise the bar every other month must meet.
+    kind = " ".join(f"WHEN lower(trim(event_type)) LIKE '{t.lower()}%' THEN '{t}'"
+                    for t in load_spec().code_list("event_type").value_strings)
     row = con.execute(f"""
         WITH ended AS (
-            SELECT date_trunc('month', {end}) AS month, event_type
+            SELECT date_trunc('month', {end}) AS month, CASE {kind} END AS event_type
             FROM read_parquet('{raw_rows}')
             WHERE {end} < date_trunc('month', ?::DATE)
         ), months AS (
