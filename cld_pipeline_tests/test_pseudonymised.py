@@ -10,6 +10,7 @@ import sys
 
 import duckdb
 import pytest
+from plotly.offline import get_plotlyjs
 from hypothesis import given, settings, strategies as st
 
 from cld_pipeline.lib.pseudonymise import (
@@ -32,7 +33,21 @@ def secrets_in(rows: dict[str, list[dict]]) -> set[str]:
         for r in file_rows:
             out |= {r["NHS_Number"], r.get("LA_Person_Unique_Identifier", ""), r["Date_of_Birth"], r["Postcode"],
                     r.get("First_Name", ""), r.get("Last_Name", "")}
-    return {s for s in out if s and len(s.strip()) >= 6 and s not in places}
+    return {s for s in out if s and len(s.strip()) >= 6 and s not in places} - public_figures()
+
+
+def public_figures() -> set[str]:
+    """ONS adult populations (the 2B/2C denominators) of councils, regions and England: public
+    numbers that can equal an all-digit LA person id by chance, and are not identifiers."""
+    councils = list(load_local_authorities())
+    figures: dict[str, list[int]] = {}
+    for la in councils:
+        for key, value in (("18+", la.population_18_plus), ("65+", la.population_65_plus),
+                           ("18-64", la.population_18_plus - la.population_65_plus)):
+            figures.setdefault(f"{key} {la.region_code}", []).append(value)
+            figures.setdefault(f"{key} England", []).append(value)
+            figures.setdefault(f"{key} {la.submission_code}", []).append(value)
+    return {str(sum(v)) for v in figures.values()}
 
 
 def test_no_identifier_in_analytics_dagster_or_reports(pipeline):
@@ -56,8 +71,11 @@ def test_no_identifier_in_analytics_dagster_or_reports(pipeline):
     assert not [s for s in wanted if s in blob and not (s.isdigit() and len(s) < 10)]
     files = [p for root in (data_dir / "dagster_home", data_dir / "reports") for p in root.rglob("*") if p.is_file()]
     assert any("reports" in str(p) for p in files)
+    vendored = get_plotlyjs().encode("utf-8")   # the charting library beside the dashboards holds no data
     for path in files:
         content = path.read_bytes()
+        if content == vendored:
+            continue
         leaked = [s for s in wanted if s.encode() in content and not (s.isdigit() and len(s) < 10)]
         assert not leaked, (path, leaked[:3])
 
