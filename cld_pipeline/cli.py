@@ -118,6 +118,29 @@ def _spec_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    from cld_pipeline.backfill import BackfillRefused, daemon_is_running, launch_backfill, quarter_status
+    from cld_pipeline.headless import prepare_instance
+
+    instance = prepare_instance()
+    try:
+        if args.status:
+            status = quarter_status(instance, args.quarter)
+            print(json.dumps({"quarter": args.quarter, "complete": status.materialized, "failed": status.failed,
+                              "in_progress": status.in_progress}, indent=2))
+            return 0 if not status.failed and not status.in_progress else 1
+        backfill_id, las = launch_backfill(args.quarter, args.la, args.failed_only, instance)
+    except BackfillRefused as refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    print(f"backfill {backfill_id}: {args.quarter}, {len(las)} LA partition(s): {', '.join(las)}")
+    print(f"follow it at http://127.0.0.1:3000/runs/b/{backfill_id} (Overview > Backfills)")
+    if not daemon_is_running(instance):
+        print("note: no Dagster daemon heartbeat in the last 2 minutes; the backfill starts when the daemon runs "
+              "(make run, or dagster-daemon run -w workspace.yaml)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cld-pipeline", description="Adult Social Care Client Level Data pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "accepted file's partitions materialised (refused files are reported, not failures).")
     run.add_argument("--quiet", action="store_true", help="only the JSON summary")
     run.set_defaults(func=_run)
+
+    bf = sub.add_parser("backfill", help="rebuild a quarter's LA partitions through a Dagster backfill (daemon)",
+                        description="Creates a Dagster backfill of the quarter's per-submission layers and its linked "
+                                    "and benchmark tables, which the daemon executes (progress on the UI's Backfills "
+                                    "page). Partitions are rebuilt from the archived copy of each current submission.")
+    bf.add_argument("--quarter", required=True, help="e.g. 2026-Q3")
+    bf.add_argument("--la", help="only this council (CLD or ONS code)")
+    bf.add_argument("--failed-only", action="store_true", help="only LA partitions whose last attempt failed")
+    bf.add_argument("--status", action="store_true", help="print the quarter's partition status and exit "
+                                                          "(exit 0 when the quarter is whole)")
+    bf.set_defaults(func=_backfill)
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")

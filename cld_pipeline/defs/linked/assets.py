@@ -52,6 +52,13 @@ def quarter_period(quarter: str) -> tuple[dt.date, dt.date]:
     return dt.date(after.year - 1, after.month, 1), after - dt.timedelta(days=1)
 
 
+# The hospital columns the linkage reads (pseudonymised.hospital_episodes holds more).
+EPISODE_COLUMNS = {"extract_quarter": "VARCHAR", "row_number": "BIGINT", "person_id": "VARCHAR", "spell_id": "VARCHAR",
+                   "last_episode_in_spell": "INTEGER", "admission_date": "DATE", "discharge_date": "DATE",
+                   "discharge_ready_date": "DATE", "admission_method": "VARCHAR", "discharge_method": "VARCHAR",
+                   "discharge_destination": "VARCHAR", "management_type": "VARCHAR",
+                   "treatment_function_code": "VARCHAR", "age_at_admission": "INTEGER", "age_at_discharge": "INTEGER"}
+
 CARE_COLUMNS = ("submission_id", "row_number", "la_code", "quarter", "person_id", "person_id_source",
                 "event_type_cleaned", "event_start_date", "event_end_date", "service_type_cleaned",
                 "service_component_cleaned", "client_type_cleaned", "date_of_death", "age_band",
@@ -99,6 +106,9 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
         dg.AssetCheckSpec("low_match_rate", asset=KEYS["match_rates"],
                           description=f"No LA's match rate is below {LOW_MATCH_SHARE:.0%} of England's (a data "
                                       "quality signal: missing or invalid NHS numbers); a warning."),
+        dg.AssetCheckSpec("hospital_data_held", asset=KEYS["person_spells"],
+                          description="At least one hospital extract is loaded (a warning: without one every table "
+                                      "is built but nobody links)."),
         dg.AssetCheckSpec("parts_consistent", asset=KEYS["ascof_2d"], blocking=True,
                           description="Numerators never exceed denominators. (Part 1 counts clusters in the "
                                       "reablement's LA, part 2 discharges in the person's LA, so they need not "
@@ -110,11 +120,14 @@ def linked_quarter(context: dg.AssetExecutionContext, analytics_db: LockedDuckDB
     quarter = context.partition_key
     with analytics_db.get_connection() as con:
         have = {r[0] for r in con.execute("SELECT table_schema || '.' || table_name FROM information_schema.tables").fetchall()}
-        missing = [t for t in ("pseudonymised.events", "pseudonymised.hospital_episodes") if t not in have]
-        if missing:
-            raise dg.Failure(description=f"{' and '.join(missing)} not loaded yet: linkage needs social care "
-                                         "submissions and hospital extracts (landing/health/).", allow_retries=False)
-        counts = build_linked_tables(con, quarter)
+        if "pseudonymised.events" not in have:
+            raise dg.Failure(description="pseudonymised.events is not loaded yet: no social care submission has "
+                                         "been processed.", allow_retries=False)
+        hospital_held = "pseudonymised.hospital_episodes" in have
+        if not hospital_held:   # link against no spells: every table is built, the check below says why it is empty
+            con.execute(f"CREATE OR REPLACE TEMP TABLE no_episodes ({', '.join(f'{c} {t}' for c, t in EPISODE_COLUMNS.items())})")
+        counts = build_linked_tables(con, quarter, episodes_source="pseudonymised.hospital_episodes" if hospital_held
+                                     else "no_episodes")
         con.execute("CREATE SCHEMA IF NOT EXISTS linked")
         for name in TABLES:
             con.execute(f"CREATE TABLE IF NOT EXISTS linked.{name} AS SELECT * FROM {name} LIMIT 0")
@@ -144,6 +157,10 @@ def linked_quarter(context: dg.AssetExecutionContext, analytics_db: LockedDuckDB
                               severity=dg.AssetCheckSeverity.WARN, metadata={
                                   "england_match_rate": round(rate, 4) if rate is not None else None,
                                   "las_below": ", ".join(f"{la} ({r:.1%} of {n})" for la, n, r in low) or "none"})
+    yield dg.AssetCheckResult(check_name="hospital_data_held", asset_key=KEYS["person_spells"], passed=hospital_held,
+                              severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"hospital_episodes_table": "present" if hospital_held else
+                                        "missing: place hospital extracts in landing/health/"})
     yield dg.AssetCheckResult(check_name="parts_consistent", asset_key=KEYS["ascof_2d"], passed=bad_parts == 0,
                               metadata={"inconsistent_rows": bad_parts})
 

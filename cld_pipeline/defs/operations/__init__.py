@@ -1,0 +1,1 @@
+"""Operations: failure alerts for on-call staff."""
