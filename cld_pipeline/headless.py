@@ -20,15 +20,28 @@ import dagster as dg
 
 from cld_pipeline import settings
 
-ROOT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+ROOT_DAGSTER_YAML = ROOT / "dagster.yaml"
+PROFILES = {"local": ROOT_DAGSTER_YAML, "production": ROOT / "deploy" / "dagster.production.yaml"}
+
+
+def instance_profile() -> Path:
+    """The dagster.yaml to use: `CLD_DAGSTER_PROFILE` = `local` (embedded SQLite, the default) or
+    `production` (PostgreSQL storage and the queued run coordinator, deploy/dagster.production.yaml)."""
+    name = os.environ.get("CLD_DAGSTER_PROFILE", "local")
+    if name not in PROFILES:
+        raise SystemExit(f"CLD_DAGSTER_PROFILE={name!r}: use one of {', '.join(PROFILES)}")
+    return PROFILES[name]
 
 
 def prepare_instance() -> dg.DagsterInstance:
-    """`$DAGSTER_HOME` (default `$CLD_DATA_DIR/dagster_home`) with the project's dagster.yaml."""
+    """`$DAGSTER_HOME` (default `$CLD_DATA_DIR/dagster_home`) with the chosen profile's dagster.yaml
+    (an explicitly chosen profile replaces what is there, so a changed setting takes effect)."""
     home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir() / "dagster_home")
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists() and ROOT_DAGSTER_YAML.exists():
-        shutil.copyfile(ROOT_DAGSTER_YAML, home / "dagster.yaml")
+    profile = instance_profile()
+    if profile.exists() and (not (home / "dagster.yaml").exists() or "CLD_DAGSTER_PROFILE" in os.environ):
+        shutil.copyfile(profile, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 

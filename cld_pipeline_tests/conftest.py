@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import secrets
+import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,3 +89,28 @@ def pseudonymised_pipeline(tmp_path_factory):
         summary = process_landing(prepare_instance(), log=lambda *_: None)
     assert summary.ok, summary.failed
     return data_dir, rows, hospital, summary
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"   # screenshots CI keeps
+
+
+def find_chromium() -> str:
+    """Headless Chromium for browser tests, installed from Debian's packages when missing."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, capture_output=True, timeout=1200,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("chromium")
+
+
+def browse(url: str, screenshot: Path | None = None, budget_ms: int = 20000) -> str:
+    """The page's DOM after its scripts ran (and a screenshot when asked)."""
+    flags = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--virtual-time-budget={budget_ms}",
+             "--window-size=1600,1400"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
+    return dom

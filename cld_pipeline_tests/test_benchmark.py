@@ -19,9 +19,8 @@ import pytest
 from cld_pipeline.lib import dhsc
 from cld_pipeline.lib.disclosure import count_sql, secondary_suppression
 
-from .conftest import environment
+from .conftest import ARTIFACTS, environment, find_chromium
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 COUNT_COLUMNS = {"events", "people", "numerator", "services"}
 
 
@@ -229,21 +228,11 @@ def test_rebuilding_as_of_the_same_date_gives_identical_tables_and_earlier_dates
 
 # --- a real browser -------------------------------------------------------------------------------
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, capture_output=True, timeout=1200,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    return shutil.which("chromium")
-
-
 def test_an_la_dashboard_renders_its_charts_in_headless_chromium(pseudonymised_pipeline):
     data_dir, _, _, _ = pseudonymised_pipeline
     folder = data_dir / "reports" / "dashboards" / "2026-Q3"
     page = sorted(p for p in folder.glob("*.html") if p.name != "england.html")[0]
-    chromium = _chromium()
+    chromium = find_chromium()
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
              "--window-size=1200,2400"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180).stdout

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import ARTIFACTS, browse
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,8 +64,24 @@ def test_make_run_serves_the_ui(tmp_path):
             time.sleep(1)
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} >= {"reference/local_authorities"}
         landing = tmp_path / "data" / "landing"
-        assert len(list(landing.glob("*.csv"))) >= 153, "make run generated a national quarter"
+        archive = tmp_path / "data" / "archive"
+        arrived = len(list(landing.glob("*.csv"))) + (len(list(archive.iterdir())) if archive.exists() else 0)
+        assert arrived >= 153, "make run generated a national quarter"
         assert (tmp_path / "data" / "dagster_home" / "dagster.yaml").exists()
+
+        # What an operator sees, in a real browser: the five layers in the asset graph, and the
+        # partition status of the quarter the sensor registered on its own.
+        graph = browse(f"{base}/asset-groups", ARTIFACTS / "dagster-asset-graph.png")
+        assert all(group in graph for group in ("raw", "validated", "pseudonymised", "linked", "benchmark"))
+        deadline = time.monotonic() + 120
+        while True:
+            partitions = browse(f"{base}/assets/pseudonymised/events?view=partitions")
+            if "2026-Q3" in partitions:
+                break
+            assert time.monotonic() < deadline, "the landing sensor did not register the quarter"
+            time.sleep(5)
+        browse(f"{base}/assets/pseudonymised/events?view=partitions", ARTIFACTS / "dagster-quarter-partitions.png")
+        assert (ARTIFACTS / "dagster-asset-graph.png").stat().st_size > 20_000
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

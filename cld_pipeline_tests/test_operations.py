@@ -125,3 +125,75 @@ def test_alerts_name_the_partition_and_reach_a_webhook(tmp_path):
     post_webhook(alert, f"http://127.0.0.1:{server.server_port}/hook")
     server.shutdown()
     assert received and "313" in received[0]["text"] and received[0]["quarter"] == "2026-Q3"
+
+
+# --- the production instance on a real PostgreSQL server -------------------------------------------
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, capture_output=True, timeout=1200,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return found[-1].parent
+
+
+def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_production_profile_runs_concurrently_on_a_real_postgresql(tmp_path):
+    import pwd
+    import socket
+    import tempfile
+
+    pg = _postgres_bin()
+    root = Path(tempfile.mkdtemp(prefix="cld-pg-", dir="/tmp"))     # the postgres user must reach it
+    user = pwd.getpwnam("postgres")
+    os.chmod(root, 0o755)
+    os.chown(root, user.pw_uid, user.pw_gid)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    _as_postgres(str(pg / "initdb"), "-D", str(root / "db"), "-U", "dagster", "--auth=trust")
+    _as_postgres(str(pg / "pg_ctl"), "-D", str(root / "db"), "-l", str(root / "log"), "-w", "start",
+                 "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1")
+    daemon = None
+    try:
+        _as_postgres(str(pg / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "dagster", "dagster")
+        data = tmp_path / "data"
+        generate(GeneratorConfig(scale="tiny", quarters=1, seed=29, la_codes=("313", "206", "108"), hospital=False,
+                                 defects=DefectRates().scaled(0.0), resubmission_share=0.0), data, progress=False)
+        env = {**os.environ, "CLD_DATA_DIR": str(data), "DAGSTER_HOME": str(data / "dagster_home"),
+               "CLD_DAGSTER_PROFILE": "production", "CLD_PSEUDO_KEY": secrets.token_hex(32),
+               "CLD_ENVIRONMENT": "production", "CLD_SETTLE_SECONDS": "0", "DAGSTER_PG_HOST": "127.0.0.1",
+               "DAGSTER_PG_PORT": port, "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "unused-trust-auth",
+               "DAGSTER_PG_DB": "dagster"}
+        status = _cli(env, "backfill", "--quarter", "2026-Q3", "--status")        # also installs the profile
+        assert "No file has been received" in status.stderr
+        assert "postgres" in (data / "dagster_home" / "dagster.yaml").read_text()
+        daemon = _daemon(env)
+        with environment(**{k: env[k] for k in env if k.startswith(("DAGSTER_", "CLD_"))}):
+            instance = dg.DagsterInstance.get()
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+
+            def ingested():
+                runs = instance.get_runs(filters=dg.RunsFilter(job_name="ingest_submission_job"))
+                finished = [r for r in runs if r.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)]
+                return runs if len(finished) == 3 else None
+
+            runs = _wait(ingested, 300, "three ingestion runs")
+            assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+            spans = sorted((instance.get_run_record_by_id(r.run_id).start_time,
+                            instance.get_run_record_by_id(r.run_id).end_time) for r in runs)
+            assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "runs overlapped"
+    finally:
+        if daemon:
+            _stop(daemon)
+        subprocess.run(["runuser", "-u", "postgres", "--", str(pg / "pg_ctl"), "-D", str(root / "db"), "-m", "fast",
+                        "stop"], capture_output=True, timeout=120)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+    with duckdb.connect(str(data / "analytics.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(DISTINCT la_code) FROM pseudonymised.events").fetchall()[0][0] == 3

@@ -10,6 +10,8 @@
 153 councils x a few dozen quarters stays far below Dagster's partition-count guidance.
 """
 
+import datetime as dt
+
 import dagster as dg
 
 from cld_pipeline.reference import load_local_authorities
@@ -27,3 +29,12 @@ def submission_partition_key(la_code: str, quarter: str) -> dg.MultiPartitionKey
 # and behind the CLD collection's (follow-up windows need earlier and later spells), so they have
 # their own dynamic definition rather than adding empty CLD quarters.
 hospital_quarter_partitions = dg.DynamicPartitionsDefinition(name="hospital_quarter")
+
+
+# Freshness the UI shows per asset: councils submit within about six weeks of a quarter's end, so by
+# the 15th of the second month after it some submission of the new quarter must have landed; a
+# quarter with nothing new by then is shown late (overdue) on the asset and in the Freshness view.
+SUBMISSION_WINDOW = dg.FreshnessPolicy.cron(deadline_cron="0 9 15 2,5,8,11 *", lower_bound_delta=dt.timedelta(days=45),
+                                           timezone="Europe/London")
+# Quarter-level tables are rebuilt at least once a quarter (plus the submission window's margin).
+QUARTERLY = dg.FreshnessPolicy.time_window(fail_window=dt.timedelta(days=110), warn_window=dt.timedelta(days=95))

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from cld_pipeline import settings
 from cld_pipeline.defs.linked.assets import AUTOMATION, KEYS as LINKED, quarter_period
-from cld_pipeline.defs.partitions import quarter_partitions
+from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
 from cld_pipeline.lib import benchmark
@@ -75,7 +75,7 @@ def disclosure_problems(con, quarter: str) -> dict[str, int]:
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(KEYS[n], group_name="benchmark", kinds={"duckdb"}, owners=OWNERS, description=d,
-                        automation_condition=AUTOMATION,
+                        automation_condition=AUTOMATION, freshness_policy=QUARTERLY,
                         deps=[PSEUDONYMISED_EVENTS, LINKED["ascof_2d"], dg.AssetKey(["reference", "local_authorities"])])
            for n, d in SHARED.items()]
           + [dg.AssetSpec(MAIN_KEYS[n], group_name="benchmark", kinds={"duckdb"}, owners=OWNERS, description=d,

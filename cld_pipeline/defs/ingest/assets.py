@@ -91,6 +91,12 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
                                  "(`raw.events` in identifiable.duckdb); identifiers present."),
     ],
     partitions_def=submission_partitions,
+    check_specs=[
+        dg.AssetCheckSpec("archive_intact", asset=RAW_SUBMISSIONS, blocking=True,
+                          description="The archived original still hashes to the SHA-256 recorded on arrival."),
+        dg.AssetCheckSpec("every_record_landed", asset=RAW_EVENTS, blocking=True,
+                          description="raw.events holds exactly the records read from the file, numbered 1..n."),
+    ],
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
 def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource):
@@ -149,12 +155,19 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
             path.unlink()
         context.log.info(f"{name} is a copy of submission {earlier} (same SHA-256): recorded as a duplicate, "
                          "nothing else changes.")
-        return  # no materialisation: downstream partitions are untouched
+        # No materialisation, so downstream partitions are untouched; the checks still report.
+        yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
+                                  passed=sha256_of(archived) == facts.sha256, metadata={"duplicate_of": earlier})
+        yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS, passed=True,
+                                  metadata={"duplicate_of": earlier, "rows_landed": 0})
+        return
 
     with identifiable_db.get_connection() as con:   # the file was parsed before connecting
         current = raw_store.load_submission(con, receipt, records)
         ledger_schema = table_schema(con, "raw", "submissions")
         events_schema = table_schema(con, "raw", "events")
+        landed, first, last = con.execute("SELECT count(*), min(row_number), max(row_number) FROM raw.events "
+                                          "WHERE submission_id = ?", [receipt.submission_id]).fetchall()[0]
     if path is not None and path.exists():
         path.unlink()  # landed: the archive holds the original
     seconds = round(time.perf_counter() - started, 2)
@@ -171,6 +184,12 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
         **common, "dagster/row_count": records.num_rows, "rows_per_second": round(records.num_rows / max(seconds, 1e-3)),
         "unrecognised_columns": len(facts.unknown_columns), "dagster/column_schema": events_schema,
         "dagster/table_name": "identifiable.raw.events"})
+    yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
+                              passed=sha256_of(data / "archive" / facts.sha256) == facts.sha256,
+                              metadata={"archive": f"archive/{facts.sha256}"})
+    yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS,
+                              passed=landed == records.num_rows and (landed == 0 or (first, last) == (1, landed)),
+                              metadata={"records_read": records.num_rows, "rows_landed": landed})
 
 
 class RefusedFile(dg.Config):

@@ -12,7 +12,7 @@ import time
 import dagster as dg
 
 from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
-from cld_pipeline.defs.partitions import quarter_partitions
+from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
 from cld_pipeline.lib import linkage
@@ -97,7 +97,7 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
 @dg.multi_asset(
     # The quarter of pseudonymised/events (quarter x LA) is inferred as the shared dimension.
     specs=[dg.AssetSpec(key, group_name="linked", kinds={"duckdb"}, owners=OWNERS, description=text,
-                        automation_condition=AUTOMATION,
+                        automation_condition=AUTOMATION, freshness_policy=QUARTERLY,
                         deps=[PSEUDONYMISED_EVENTS,
                               dg.AssetDep(PSEUDONYMISED_EPISODES, partition_mapping=dg.AllPartitionMapping())])
            for key, text in ((KEYS[n], TABLES[n]) for n in TABLES)],

@@ -17,7 +17,7 @@ import dagster as dg
 import duckdb
 
 from cld_pipeline import settings
-from cld_pipeline.defs.partitions import submission_partitions
+from cld_pipeline.defs.partitions import SUBMISSION_WINDOW, submission_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
 from cld_pipeline.lib import raw_store
@@ -108,6 +108,7 @@ def pseudonymise_sql(source: str) -> str:
                                       f"area and LA stay under {MAX_SMALL_GROUP_SHARE:.0%} (a warning)."),
     ],
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    freshness_policy=SUBMISSION_WINDOW,
 )
 def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
                          analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
