@@ -114,3 +114,21 @@ def browse(url: str, screenshot: Path | None = None, budget_ms: int = 20000) -> 
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
     return dom
+
+
+def occurrences(needles, haystacks) -> set[str]:
+    """Which needles occur anywhere in any haystack (str or bytes), in one pass per haystack
+    (Aho-Corasick): tens of thousands of identifiers against megabytes of logs and pages."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton()
+    for needle in set(needles):
+        automaton.add_word(needle, needle)
+    if not len(automaton):
+        return set()
+    automaton.make_automaton()
+    found: set[str] = set()
+    for haystack in haystacks:
+        text = haystack.decode("latin-1") if isinstance(haystack, bytes) else haystack
+        found |= {needle for _, needle in automaton.iter(text)}
+    return found

@@ -19,6 +19,7 @@ from cld_pipeline.lib.pseudonymise import (
 from cld_pipeline.reference import load_local_authorities
 
 from .conftest import PIPELINE_KEY as KEY
+from .conftest import occurrences
 
 @pytest.fixture(scope="module")
 def pipeline(pseudonymised_pipeline):
@@ -68,16 +69,14 @@ def test_no_identifier_in_analytics_dagster_or_reports(pipeline):
     # Inside longer text too; short all-digit LA ids are left to the exact test above, since such digit
     # runs occur by chance inside hex tokens and provider ids.
     blob = "\n".join(text)
-    assert not [s for s in wanted if s in blob and not (s.isdigit() and len(s) < 10)]
+    assert not [s for s in occurrences(wanted, [blob]) if not (s.isdigit() and len(s) < 10)]
     files = [p for root in (data_dir / "dagster_home", data_dir / "reports") for p in root.rglob("*") if p.is_file()]
     assert any("reports" in str(p) for p in files)
     vendored = get_plotlyjs().encode("utf-8")   # the charting library beside the dashboards holds no data
-    for path in files:
-        content = path.read_bytes()
-        if content == vendored:
-            continue
-        leaked = [s for s in wanted if s.encode() in content and not (s.isdigit() and len(s) < 10)]
-        assert not leaked, (path, leaked[:3])
+    searchable = {s.encode("utf-8").decode("latin-1") for s in wanted if not (s.isdigit() and len(s) < 10)}
+    contents = {path: content for path in files if (content := path.read_bytes()) != vendored}
+    leaked = occurrences(searchable, contents.values())
+    assert not leaked, [(p.name, s) for s in sorted(leaked)[:3] for p, c in contents.items() if s.encode("latin-1") in c]
 
 
 def test_tokens_link_people_across_councils_quarters_and_hospital(pipeline):
