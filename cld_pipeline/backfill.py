@@ -34,6 +34,12 @@ class QuarterStatus:
     materialized: list[str]
     failed: list[str]
     in_progress: list[str]
+    quarter_tables: dict[str, str] | None = None    # linked/benchmark asset -> status for the quarter
+
+    @property
+    def whole(self) -> bool:
+        tables = self.quarter_tables or {}
+        return not self.failed and not self.in_progress and all(v == "materialized" for v in tables.values())
 
     @property
     def received(self) -> list[str]:
@@ -62,6 +68,15 @@ def quarter_status(instance: dg.DagsterInstance, quarter: str) -> QuarterStatus:
             out.materialized.append(la)
         else:                                          # a layer failed, or stopped short of the last one
             out.failed.append(la)
+    from cld_pipeline.definitions import defs as load_defs
+    from cld_pipeline.defs.partitions import quarter_partitions
+
+    graph = load_defs().resolve_asset_graph()
+    out.quarter_tables = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        if graph.get(key).group_name in QUARTER_GROUPS:
+            value = (instance.get_status_by_partition(key, [quarter], quarter_partitions) or {}).get(quarter)
+            out.quarter_tables[key.to_user_string()] = value.value.lower() if value else "missing"
     return out
 
 

@@ -36,8 +36,9 @@ def build_alert(run: dg.DagsterRun, step_failures: list[tuple[str, str]], run_er
         "run_id": run.run_id, "job": run.job_name, "quarter": quarter, "la": la,
         "file": run.tags.get("cld/file"), "step": step, "error": error,
         "backfill": run.tags.get("dagster/backfill"),
-        "what_to_do": (f"See docs/runbook.md; when the cause is fixed: cld-pipeline backfill --quarter {quarter}"
-                       + (f" --la {la}" if la else "") + " --failed-only") if quarter else "See docs/runbook.md.",
+        # One backfill per quarter covers every failed council, however many alerts there are.
+        "what_to_do": (f"See docs/runbook.md; when the cause is fixed: cld-pipeline backfill --quarter {quarter} "
+                       "--failed-only") if quarter else "See docs/runbook.md.",
     }
 
 
