@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -23,3 +24,10 @@ def identifiable_db_path() -> Path:
 def analytics_db_path() -> Path:
     """The analysts' zone: pseudonymised, linked and benchmark tables; never a direct identifier."""
     return data_dir() / "analytics.duckdb"
+
+
+def new_scratch(prefix: str) -> Path:
+    """A fresh folder under `work/` for one step's intermediate files (the caller removes it)."""
+    root = data_dir() / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))

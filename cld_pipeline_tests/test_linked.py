@@ -13,7 +13,7 @@ import pytest
 
 from cld_pipeline.defs.health.sensors import hospital_sensor, plan_hospital
 from cld_pipeline.defs.linked.adhoc import cohort_linkage
-from cld_pipeline.defs.linked.assets import build_linked_tables, quarter_period
+from cld_pipeline.defs.linked.assets import EPISODE_COLUMNS, build_linked_tables, quarter_period
 from cld_pipeline.defs.resources import LockedDuckDBResource
 from cld_pipeline.lib.linkage import _values
 from cld_pipeline.spec import load_spec
@@ -188,11 +188,7 @@ def _care_and_episodes(con, care: list[dict], spells: list[dict]) -> None:
                 "age_band": "75 to 84", **row}
         con.execute(f"INSERT INTO care_in BY NAME SELECT {', '.join('?::' + cols[c] + ' AS ' + c for c in full)}",
                     list(full.values()))
-    ecols = {"extract_quarter": "VARCHAR", "row_number": "BIGINT", "person_id": "VARCHAR", "spell_id": "VARCHAR",
-             "last_episode_in_spell": "INTEGER", "admission_date": "DATE", "discharge_date": "DATE",
-             "discharge_ready_date": "DATE", "admission_method": "VARCHAR", "discharge_method": "VARCHAR",
-             "discharge_destination": "VARCHAR", "management_type": "VARCHAR", "treatment_function_code": "VARCHAR",
-             "age_at_admission": "INTEGER", "age_at_discharge": "INTEGER"}
+    ecols = EPISODE_COLUMNS   # the columns the linkage reads, as the asset declares them
     con.execute(f"CREATE TABLE episodes_in ({', '.join(f'{c} {t}' for c, t in ecols.items())})")
     for i, row in enumerate(spells, start=1):
         full = {"extract_quarter": QUARTER, "row_number": i, "spell_id": f"H{i}", "last_episode_in_spell": 1,

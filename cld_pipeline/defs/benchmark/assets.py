@@ -10,9 +10,7 @@ submissions it came from. The dashboards are built from those shared tables only
 
 import datetime as dt
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -54,11 +52,6 @@ class BenchmarkConfig(dg.Config):
                               description="First day of the joined-submissions table (DHSC: 2023-04-01).")
 
 
-def _scratch() -> Path:
-    (settings.data_dir() / "work").mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="benchmark-", dir=settings.data_dir() / "work"))
-
-
 def disclosure_problems(con, quarter: str) -> dict[str, int]:
     """Visible counts from 1 to 7, counts not a multiple of 5, statistics on fewer than 8 people."""
     problems = {}
@@ -97,7 +90,7 @@ def benchmark_quarter(context: dg.AssetExecutionContext, config: BenchmarkConfig
     start, end = quarter_period(quarter)
     as_of = dt.date.fromisoformat(config.as_of_date) if config.as_of_date else dt.datetime.now(dt.timezone.utc).date()
     inputs = benchmark.BenchmarkInputs(quarter, start, end, as_of, dt.date.fromisoformat(config.joined_start))
-    scratch = _scratch()
+    scratch = settings.new_scratch("benchmark-")
     try:
         with analytics_db.get_connection() as con:
             # Bounded memory whatever the national volume: DuckDB spills sorts and joins to scratch.

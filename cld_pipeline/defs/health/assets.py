@@ -9,7 +9,6 @@
 
 import datetime as dt
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,7 +123,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
         raise dg.Failure(description=f"{name} is the extract for {facts.quarter}, not {quarter}.", allow_retries=False)
 
     extract_id = facts.sha256[:20]
-    scratch = Path(tempfile.mkdtemp(prefix="hospital-", dir=_work()))
+    scratch = settings.new_scratch("hospital-")
     try:
         work = duckdb.connect()
         work.execute("SET threads = 2")
@@ -195,12 +194,6 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
                               metadata={"received": facts.rows, "accepted": accepted, "rejected": rejected_rows})
 
 
-def _work() -> Path:
-    path = settings.data_dir() / "work"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @dg.asset(
     key=PSEUDONYMISED_EPISODES,
     deps=[VALIDATED_EPISODES],
@@ -227,7 +220,7 @@ def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifia
         key = pseudonymisation_key.load()
     except KeyError_ as err:
         raise dg.Failure(description=str(err), allow_retries=False) from None
-    scratch = Path(tempfile.mkdtemp(prefix="hospital-pseudo-", dir=_work()))
+    scratch = settings.new_scratch("hospital-pseudo-")
     try:
         source = scratch / "validated.parquet"
         with identifiable_db.get_connection() as con:

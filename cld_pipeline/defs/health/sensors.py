@@ -6,14 +6,13 @@ sensor reads only names; the run checks the content.
 """
 
 import datetime as dt
-import json
 import time
 
 import dagster as dg
 
 from cld_pipeline import settings
 from cld_pipeline.defs.health.assets import HEALTH_DIR, ingest_hospital_job, quarantine_hospital_job
-from cld_pipeline.defs.ingest.sensors import _arrivals, _fingerprint, settle_seconds
+from cld_pipeline.defs.ingest.sensors import scan_arrivals, settle_seconds
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
 from cld_pipeline.lib.hospital import quarter_from_name
 
@@ -23,19 +22,9 @@ def plan_hospital(cursor: str | None, now: float | None = None, settle: float | 
     """(run requests, new quarters, new cursor, skip message), as plain data."""
     now = time.time() if now is None else now
     settle = settle_seconds() if settle is None else settle
-    state = json.loads(cursor) if cursor else {}
-    handled, pending = state.get("handled", {}), state.get("pending", {})
-    present = _arrivals(settings.landing_dir() / HEALTH_DIR)
-    names = {name for name, _ in present}
-    handled = {n: fp for n, fp in handled.items() if n in names}
-    waiting, requests, new_quarters = {}, [], set()
-    for name, stat in present:
-        fp = _fingerprint(stat)
-        if handled.get(name) == fp:
-            continue
-        if not (now - stat.st_mtime >= settle or pending.get(name) == fp):
-            waiting[name] = fp
-            continue
+    arrivals = scan_arrivals(settings.landing_dir() / HEALTH_DIR, cursor, now, settle)
+    requests, new_quarters = [], set()
+    for name, stat, fp in arrivals.ready:
         received_at = dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).replace(tzinfo=None).isoformat()
         config = {"file_name": name, "received_at": received_at}
         quarter = quarter_from_name(name)
@@ -51,11 +40,10 @@ def plan_hospital(cursor: str | None, now: float | None = None, settle: float | 
                 job_name=ingest_hospital_job.name, run_key=f"health/{name}:{fp}", partition_key=quarter,
                 tags={"cld/file": f"health/{name}"[:200], "cld/quarter": quarter, "cld/source": "hospital"},
                 run_config={"ops": {"hospital_extract": {"config": config}}}))
-        handled[name] = fp
-    new_cursor = json.dumps({"handled": handled, "pending": waiting}, sort_keys=True)
-    skip = None if requests else (f"{len(waiting)} extract(s) still being written" if waiting
+        arrivals.handled[name] = fp
+    skip = None if requests else (f"{len(arrivals.waiting)} extract(s) still being written" if arrivals.waiting
                                   else "No new hospital extracts")
-    return requests, new_quarters, new_cursor, skip
+    return requests, new_quarters, arrivals.cursor(), skip
 
 
 @dg.sensor(

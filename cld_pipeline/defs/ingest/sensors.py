@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -53,32 +54,50 @@ def _arrivals(landing: Path) -> list[tuple[str, os.stat_result]]:
     return sorted(found, key=lambda item: (item[1].st_mtime_ns, item[0]))
 
 
+@dataclass
+class Arrivals:
+    """A folder's files against the cursor: `ready` are settled and not handled yet (arrival order);
+    the caller marks in `handled` those it took, and `cursor()` carries the rest to the next tick."""
+
+    ready: list[tuple[str, os.stat_result, str]]
+    handled: dict[str, str]
+    waiting: dict[str, str]
+
+    def cursor(self) -> str:
+        return json.dumps({"handled": self.handled, "pending": self.waiting}, sort_keys=True)
+
+
+def scan_arrivals(folder: Path, cursor: str | None, now: float, settle: float) -> Arrivals:
+    state = json.loads(cursor) if cursor else {}
+    pending: dict[str, str] = state.get("pending", {})
+    present = _arrivals(folder)
+    names = {name for name, _ in present}
+    handled = {n: fp for n, fp in state.get("handled", {}).items() if n in names}   # left the folder: forget
+    ready, waiting = [], {}
+    for name, stat in present:
+        fp = _fingerprint(stat)
+        if handled.get(name) == fp:
+            continue
+        if now - stat.st_mtime >= settle or pending.get(name) == fp:
+            ready.append((name, stat, fp))
+        else:
+            waiting[name] = fp
+    return Arrivals(ready, handled, waiting)
+
+
 def plan_landing(cursor: str | None, now: float | None = None, max_files: int | None = None,
                  settle: float | None = None, known_quarters: set[str] | None = None):
     """The sensor's decision, as plain data: (run requests, new quarters, new cursor, skip message)."""
     now = time.time() if now is None else now
     settle = settle_seconds() if settle is None else settle
     max_files = max_files_per_tick() if max_files is None else max_files
-    state = json.loads(cursor) if cursor else {}
-    handled: dict[str, str] = state.get("handled", {})
-    pending: dict[str, str] = state.get("pending", {})
     landing = settings.landing_dir()
-    present = _arrivals(landing)
-    names = {name for name, _ in present}
-    handled = {n: fp for n, fp in handled.items() if n in names}      # left the folder: forget
-    waiting = {}
+    arrivals = scan_arrivals(landing, cursor, now, settle)
     requests: list[dg.RunRequest] = []
     new_quarters: set[str] = set()
     started = time.monotonic()
     deferred = 0
-    for name, stat in present:
-        fp = _fingerprint(stat)
-        if handled.get(name) == fp:
-            continue
-        settled = now - stat.st_mtime >= settle or pending.get(name) == fp
-        if not settled:
-            waiting[name] = fp
-            continue
+    for name, stat, fp in arrivals.ready:
         if len(requests) >= max_files or time.monotonic() - started > TIME_BUDGET_SECONDS:
             deferred += 1
             continue
@@ -103,11 +122,12 @@ def plan_landing(cursor: str | None, now: float | None = None, max_files: int | 
                 tags={**tags, "cld/la": facts.la_code, "cld/quarter": facts.quarter, "cld/sha256": facts.sha256},
                 run_config={"ops": {"raw_submission": {"config": {
                     "file_name": name, "sha256": facts.sha256, "received_at": received_at.isoformat()}}}}))
-        handled[name] = fp
-    new_cursor = json.dumps({"handled": handled, "pending": waiting}, sort_keys=True)
+        arrivals.handled[name] = fp
+    new_cursor = arrivals.cursor()
     skip = None
     if not requests:
-        skip = (f"{len(waiting)} file(s) still being written" if waiting else "No new files in the landing folder")
+        skip = (f"{len(arrivals.waiting)} file(s) still being written" if arrivals.waiting
+                else "No new files in the landing folder")
     elif deferred:
         skip = f"{deferred} more file(s) left for the next tick"
     return requests, new_quarters, new_cursor, skip

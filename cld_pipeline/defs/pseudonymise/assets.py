@@ -9,9 +9,7 @@ NHS number, LA person id, date of birth, postcode or name.
 """
 
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -122,8 +120,7 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
     if key.development:
         context.log.warning("Using the DEVELOPMENT-ONLY pseudonymisation key from the data folder: tokens are not "
                             "linkable with any other system. Set CLD_PSEUDO_KEY for real data.")
-    (settings.data_dir() / "work").mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="pseudonymise-", dir=settings.data_dir() / "work"))
+    scratch = settings.new_scratch("pseudonymise-")
     try:
         with identifiable_db.get_connection() as con:
             current = raw_store.current_submission(con, la_code, quarter)

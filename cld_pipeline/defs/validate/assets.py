@@ -8,7 +8,6 @@ from flowing downstream. Metadata and check results carry counts, never submitte
 """
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def validated_submission(context: dg.AssetExecutionContext, identifiable_db: Loc
     started = time.perf_counter()
     keys = context.partition_key.keys_by_dimension
     la_code, quarter = keys["la"], keys["quarter"]
-    scratch = Path(tempfile.mkdtemp(prefix="validate-", dir=_scratch_root()))
+    scratch = settings.new_scratch("validate-")
     try:
         with identifiable_db.get_connection() as con:
             raw_store.ensure_schema(con)
@@ -163,7 +162,3 @@ def _field_count(raw: Path) -> int:
     return duckdb.sql(f"SELECT mode(field_count) FROM read_parquet('{raw}')").fetchall()[0][0]
 
 
-def _scratch_root() -> Path:
-    root = settings.data_dir() / "work"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
