@@ -1,9 +1,11 @@
 """`cld-pipeline run`: process the landing folder headlessly through the sensor's own asset graph.
 
-The landing sensor's decision function plans the runs (files present are taken as complete, with
-no wait for settling and no per-tick cap), quarters are registered as dynamic partitions, and each
-run executes in this process against the Dagster instance under `$DAGSTER_HOME`, so the UI shows
-the same runs, partitions and metadata as if the daemon had started them.
+The hospital and landing sensors' decision functions plan the runs (files present are taken as
+complete, with no wait for settling and no per-tick cap), quarters are registered as dynamic
+partitions, and each run executes in this process against the Dagster instance under
+`$DAGSTER_HOME`, so the UI shows the same runs, partitions and metadata as if the daemon had started
+them. Afterwards the quarters that changed get their linked and benchmark tables rebuilt, as the
+automation sensor would under the daemon.
 """
 
 from __future__ import annotations
