@@ -82,6 +82,21 @@ def load_key(key_text: str | None, version: str, environment: str, data_dir: Pat
     return PseudoKey(parse_key(path.read_text(encoding="utf-8")), f"dev-{version or '1'}", development=True)
 
 
+def load_ring(current: PseudoKey, previous_text: str | None) -> tuple[PseudoKey, ...]:
+    """The current key first, then the previous versions still held (`CLD_PSEUDO_KEY_PREVIOUS`:
+    comma-separated `version=key` pairs). Old versions are kept only so that rights registered under
+    them (erasure, restriction) keep matching after a key rotation."""
+    ring = [current]
+    for item in filter(None, (part.strip() for part in (previous_text or "").split(","))):
+        version, sep, text = item.partition("=")
+        if not sep or not version.strip():
+            raise KeyError_("CLD_PSEUDO_KEY_PREVIOUS must be comma-separated version=key pairs.")
+        if version.strip() in {k.version for k in ring}:
+            raise KeyError_(f"CLD_PSEUDO_KEY_PREVIOUS repeats key version {version.strip()!r}.")
+        ring.append(PseudoKey(parse_key(text), version.strip()))
+    return tuple(ring)
+
+
 def nhs_message(nhs_number: str) -> str:
     return "nhs:" + nhs_number
 
@@ -94,9 +109,11 @@ def token(key: PseudoKey, message: str) -> str:
     return hmac.new(key.secret, message.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def hmac_sql(message_sql: str) -> str:
-    """HMAC-SHA-256 of a VARCHAR expression as SQL; parameters $ipad and $opad are the key's pads."""
-    return (f"sha256($opad || unhex(sha256($ipad || encode({message_sql}))))")
+def hmac_sql(message_sql: str, pads: tuple[str, str] = ("ipad", "opad")) -> str:
+    """HMAC-SHA-256 of a VARCHAR expression as SQL; the named parameters (default $ipad and $opad)
+    are the key's pads."""
+    ipad, opad = pads
+    return (f"sha256(${opad} || unhex(sha256(${ipad} || encode({message_sql}))))")
 
 
 def person_token_sql(nhs_valid_sql: str, la_code_sql: str, la_id_sql: str) -> str:

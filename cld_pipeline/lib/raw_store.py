@@ -48,6 +48,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
             archive_path VARCHAR,
             loaded_at TIMESTAMP
         )""")
+    # Rows of people who erased or objected never land; the ledger counts them (rights register).
+    con.execute("ALTER TABLE raw.submissions ADD COLUMN IF NOT EXISTS suppressed_rows BIGINT DEFAULT 0")
     columns = ",\n".join(f"{f.column} VARCHAR" for f in spec.fields)
     con.execute(f"""
         CREATE TABLE IF NOT EXISTS raw.events (
@@ -86,7 +88,10 @@ def earlier_copy(con: duckdb.DuckDBPyConnection, receipt: Receipt) -> str | None
 
 def _upsert(con: duckdb.DuckDBPyConnection, receipt: Receipt, status: str, rows: int | None, error: str | None) -> None:
     con.execute("DELETE FROM raw.submissions WHERE submission_id = ?", [receipt.submission_id])
-    con.execute("""INSERT INTO raw.submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, now())""", [
+    con.execute("""INSERT INTO raw.submissions (submission_id, la_code, quarter, file_name, sha256, file_size,
+                       received_at, reporting_period_start, reporting_period_end, row_count, status, error,
+                       superseded_by, archive_path, loaded_at, suppressed_rows)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, now(), 0)""", [
         receipt.submission_id, receipt.la_code, receipt.quarter, receipt.file_name, receipt.sha256, receipt.file_size,
         receipt.received_at, receipt.reporting_period_start, receipt.reporting_period_end, rows, status, error,
         receipt.archive_path])
@@ -103,10 +108,13 @@ def record_outcome(con: duckdb.DuckDBPyConnection, receipt: Receipt, status: str
         raise
 
 
-def load_submission(con: duckdb.DuckDBPyConnection, receipt: Receipt, records: pa.Table) -> str:
-    """Replace this submission's rows and ledger entry, then settle which submission of the partition
-    is current (latest arrival wins; the rest are superseded). One transaction. Returns the current
-    submission id of the partition."""
+def load_submission(con: duckdb.DuckDBPyConnection, receipt: Receipt, records: pa.Table, ring=None) -> tuple[str, int]:
+    """Replace this submission's rows and ledger entry, leaving out the rows of people on the rights
+    register's suppression list (`ring`: the keys to match it, needed only when it is not empty),
+    then settle which submission of the partition is current (latest arrival wins; the rest are
+    superseded). One transaction. Returns the partition's current submission id and the rows left out."""
+    from cld_pipeline.lib.rights import suppress_submission
+
     spec = load_spec()
     con.register("incoming_records", records)
     con.execute("BEGIN TRANSACTION")
@@ -115,7 +123,10 @@ def load_submission(con: duckdb.DuckDBPyConnection, receipt: Receipt, records: p
         columns = ", ".join(["row_number", "field_count", *(f.column for f in spec.fields), "extra_values"])
         con.execute(f"INSERT INTO raw.events SELECT ? AS submission_id, {columns} FROM incoming_records",
                     [receipt.submission_id])
+        suppressed = suppress_submission(con, ring, receipt.submission_id, receipt.la_code)
         _upsert(con, receipt, ACCEPTED, records.num_rows, None)
+        con.execute("UPDATE raw.submissions SET suppressed_rows = ? WHERE submission_id = ?",
+                    [suppressed, receipt.submission_id])
         current = settle_partition(con, receipt.la_code, receipt.quarter)
         commit(con)
     except BaseException:
@@ -123,7 +134,7 @@ def load_submission(con: duckdb.DuckDBPyConnection, receipt: Receipt, records: p
         raise
     finally:
         con.unregister("incoming_records")
-    return current
+    return current, suppressed
 
 
 def settle_partition(con: duckdb.DuckDBPyConnection, la_code: str, quarter: str) -> str:

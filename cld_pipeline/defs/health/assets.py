@@ -18,7 +18,7 @@ import duckdb
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
-from cld_pipeline.lib import hospital
+from cld_pipeline.lib import hospital, retention, rights
 from cld_pipeline.lib.pseudonymise import KeyError_
 from cld_pipeline.lib.submission_files import SubmissionRefused, archive_copy, sha256_of, write_refusal
 from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
@@ -92,10 +92,14 @@ def health_file(name: str) -> Path | None:
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
 def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractFile,
-                     identifiable_db: LockedDuckDBResource):
+                     identifiable_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     quarter = context.partition_key
     data = settings.data_dir()
+    try:
+        retention.assert_processing_allowed()
+    except retention.AgreementEnded as err:
+        raise dg.Failure(description=str(err), allow_retries=False) from None
     if config.file_name:
         path = health_file(config.file_name)
         received_at = (dt.datetime.fromisoformat(config.received_at) if config.received_at
@@ -130,6 +134,24 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
         work.register("records", records)
         work.execute(f"""CREATE TABLE episodes AS SELECT '{extract_id}' AS extract_id, row_number, field_count,
                          {facts.width} AS width, {', '.join(hospital.validated_columns())}, extra_values FROM records""")
+        # People on the rights register: erased or objecting people's episodes never land, and
+        # restricted people's are flagged below; matching needs the key only when the register is used.
+        with identifiable_db.get_connection() as con:
+            rights.copy_register(con, work)
+        ring = None
+        if work.execute("SELECT count(*) FROM register").fetchall()[0][0]:
+            try:
+                ring = pseudonymisation_key.load_ring()
+            except KeyError_ as err:
+                raise dg.Failure(description=f"The rights register must be applied to {name}: {err}",
+                                 allow_retries=False) from None
+        suppressed = 0
+        try:
+            if m := rights.matcher(work, ring, rights.SUPPRESSING, register="register"):
+                suppressed = work.execute(f"DELETE FROM episodes WHERE {m.matches([rights.nhs_message_sql('nhs_number')])}",
+                                          m.params).fetchall()[0][0]
+        except rights.RightsError as err:
+            raise dg.Failure(description=str(err), allow_retries=False) from None
         work.execute(f"CREATE TABLE typed AS {hospital.typed_sql('episodes')}")
         work.execute(f"CREATE TABLE failures AS {hospital.failures_sql('typed')}")
         cols = ", ".join(f"t.{c}" for c in hospital.validated_columns())
@@ -148,6 +170,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
         by_rule = dict(work.execute("SELECT rule, count(*) FROM failures GROUP BY rule ORDER BY rule").fetchall())
         work.close()
 
+        restricted = 0
         with identifiable_db.get_connection() as con:
             _ensure_tables(con)
             with transaction(con):
@@ -162,9 +185,13 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
                                 f"read_parquet('{scratch / 'raw.parquet'}')")
                     con.execute("CREATE TABLE IF NOT EXISTS validated.hospital_episodes AS SELECT * FROM "
                                 f"read_parquet('{scratch / 'accepted.parquet'}') LIMIT 0")
+                    con.execute("ALTER TABLE validated.hospital_episodes ADD COLUMN IF NOT EXISTS "
+                                "processing_restricted BOOLEAN DEFAULT false")
                     con.execute("DELETE FROM validated.hospital_episodes WHERE quarter = ?", [quarter])
                     con.execute("INSERT INTO validated.hospital_episodes BY NAME SELECT * FROM "
                                 f"read_parquet('{scratch / 'accepted.parquet'}')")
+                    restricted = rights.flag_restricted(con, ring, "validated.hospital_episodes", "quarter = $quarter",
+                                                        {"quarter": quarter}, "nhs_number")
                     for table, file in (("hospital_rejections", "rejections"), ("hospital_dq_flags", "flags")):
                         con.execute(f"DELETE FROM validated.{table} WHERE extract_id IN (SELECT extract_id FROM "
                                     "raw.hospital_extracts WHERE quarter = ?) OR extract_id = ?", [quarter, extract_id])
@@ -187,11 +214,13 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
         "dagster/table_name": "identifiable.raw.hospital_episodes"})
     yield dg.MaterializeResult(asset_key=VALIDATED_EPISODES, metadata={
         **common, "dagster/row_count": accepted, "rejected_rows": rejected_rows,
+        "rows_suppressed_by_rights_register": suppressed, "rows_restricted": restricted,
         **{f"rule_{k}": v for k, v in by_rule.items()},
         "dagster/column_schema": validated_schema, "dagster/table_name": "identifiable.validated.hospital_episodes"})
     yield dg.AssetCheckResult(check_name="row_conservation", asset_key=VALIDATED_EPISODES,
-                              passed=accepted + rejected_rows == facts.rows,
-                              metadata={"received": facts.rows, "accepted": accepted, "rejected": rejected_rows})
+                              passed=accepted + rejected_rows + suppressed == facts.rows,
+                              metadata={"received": facts.rows, "accepted": accepted, "rejected": rejected_rows,
+                                        "suppressed": suppressed})
 
 
 @dg.asset(
@@ -206,7 +235,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
                 "birth year and month, age at admission and discharge, postcode district; no direct identifier.",
     check_specs=[
         dg.AssetCheckSpec("row_conservation", asset=PSEUDONYMISED_EPISODES, blocking=True,
-                          description="One pseudonymised episode per validated episode."),
+                          description="One pseudonymised episode per validated episode not under a restriction."),
         dg.AssetCheckSpec("every_episode_tokenised", asset=PSEUDONYMISED_EPISODES, blocking=True,
                           description="Every episode carries a 64-hex person token."),
     ],
@@ -225,8 +254,10 @@ def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifia
         source = scratch / "validated.parquet"
         with identifiable_db.get_connection() as con:
             _ensure_tables(con)
-            con.execute(f"COPY (SELECT * FROM validated.hospital_episodes WHERE quarter = ? ORDER BY row_number) "
-                        f"TO '{source}' (FORMAT parquet)", [quarter])
+            con.execute("ALTER TABLE validated.hospital_episodes ADD COLUMN IF NOT EXISTS "
+                        "processing_restricted BOOLEAN DEFAULT false")
+            con.execute(f"COPY (SELECT * FROM validated.hospital_episodes WHERE quarter = ? AND NOT processing_restricted "
+                        f"ORDER BY row_number) TO '{source}' (FORMAT parquet)", [quarter])
         out = scratch / "pseudonymised.parquet"
         ipad, opad = key.pads
         work = duckdb.connect()

@@ -17,7 +17,9 @@ from dagster_duckdb import DuckDBResource
 
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import submission_partitions
-from cld_pipeline.lib import raw_store
+from cld_pipeline.defs.resources import PseudonymisationKey
+from cld_pipeline.lib import raw_store, retention, rights
+from cld_pipeline.lib.pseudonymise import KeyError_
 from cld_pipeline.lib.submission_files import (
     SubmissionRefused,
     archive_copy,
@@ -95,16 +97,22 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
         dg.AssetCheckSpec("archive_intact", asset=RAW_SUBMISSIONS, blocking=True,
                           description="The archived original still hashes to the SHA-256 recorded on arrival."),
         dg.AssetCheckSpec("every_record_landed", asset=RAW_EVENTS, blocking=True,
-                          description="raw.events holds exactly the records read from the file, numbered 1..n."),
+                          description="raw.events holds exactly the records read from the file, numbered 1..n "
+                                      "(less the rows of people on the rights register's suppression list)."),
     ],
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
-def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource):
+def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource,
+                   pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     keys = context.partition_key.keys_by_dimension
     la_code, quarter = keys["la"], keys["quarter"]
     data = settings.data_dir()
     landing = settings.landing_dir()
+    try:
+        retention.assert_processing_allowed()
+    except retention.AgreementEnded as err:
+        raise dg.Failure(description=str(err), allow_retries=False) from None
 
     if config.file_name:
         try:
@@ -150,6 +158,7 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
         earlier = raw_store.earlier_copy(con, receipt)
         if earlier is not None:
             raw_store.record_outcome(con, receipt, raw_store.DUPLICATE, f"same SHA-256 as submission {earlier}")
+        suppression_list = not rights.register_is_empty(con, rights.SUPPRESSING)
     if earlier is not None:
         if path is not None and path.exists():
             path.unlink()
@@ -162,8 +171,18 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
                                   metadata={"duplicate_of": earlier, "rows_landed": 0})
         return
 
+    ring = None
+    if suppression_list:   # people who erased or objected are kept out: matching needs the key
+        try:
+            ring = pseudonymisation_key.load_ring()
+        except KeyError_ as err:
+            raise dg.Failure(description=f"The rights register's suppression list must be applied to {name}: {err}",
+                             allow_retries=False) from None
     with identifiable_db.get_connection() as con:   # the file was parsed before connecting
-        current = raw_store.load_submission(con, receipt, records)
+        try:
+            current, suppressed = raw_store.load_submission(con, receipt, records, ring)
+        except rights.RightsError as err:
+            raise dg.Failure(description=str(err), allow_retries=False) from None
         ledger_schema = table_schema(con, "raw", "submissions")
         events_schema = table_schema(con, "raw", "events")
         landed, first, last = con.execute("SELECT count(*), min(row_number), max(row_number) FROM raw.events "
@@ -181,15 +200,18 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
         **common, "dagster/row_count": 1, "dagster/column_schema": ledger_schema,
         "dagster/table_name": "identifiable.raw.submissions"})
     yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={
-        **common, "dagster/row_count": records.num_rows, "rows_per_second": round(records.num_rows / max(seconds, 1e-3)),
+        **common, "dagster/row_count": landed, "rows_per_second": round(records.num_rows / max(seconds, 1e-3)),
+        "rows_suppressed_by_rights_register": suppressed,
         "unrecognised_columns": len(facts.unknown_columns), "dagster/column_schema": events_schema,
         "dagster/table_name": "identifiable.raw.events"})
     yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
                               passed=sha256_of(data / "archive" / facts.sha256) == facts.sha256,
                               metadata={"archive": f"archive/{facts.sha256}"})
     yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS,
-                              passed=landed == records.num_rows and (landed == 0 or (first, last) == (1, landed)),
-                              metadata={"records_read": records.num_rows, "rows_landed": landed})
+                              passed=landed + suppressed == records.num_rows and (suppressed > 0 or landed == 0 or
+                                                                                 (first, last) == (1, landed)),
+                              metadata={"records_read": records.num_rows, "rows_landed": landed,
+                                        "rows_suppressed_by_rights_register": suppressed})
 
 
 class RefusedFile(dg.Config):

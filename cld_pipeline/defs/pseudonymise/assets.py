@@ -18,7 +18,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.partitions import SUBMISSION_WINDOW, submission_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
-from cld_pipeline.lib import raw_store
+from cld_pipeline.lib import raw_store, rights
 from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
 from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
 from cld_pipeline.spec import load_spec
@@ -98,7 +98,7 @@ def pseudonymise_sql(source: str) -> str:
                 "postcode or name.",
     check_specs=[
         dg.AssetCheckSpec("row_conservation", asset=EVENTS, blocking=True,
-                          description="One pseudonymised row per validated row."),
+                          description="One pseudonymised row per validated row not under a restriction."),
         dg.AssetCheckSpec("no_direct_identifiers", asset=EVENTS, blocking=True,
                           description="No column of an identifying field survives; every row has a 64-hex token."),
         dg.AssetCheckSpec("k_anonymity", asset=EVENTS,
@@ -114,9 +114,10 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
     keys = context.partition_key.keys_by_dimension
     la_code, quarter = keys["la"], keys["quarter"]
     try:
-        key = pseudonymisation_key.load()
+        ring = pseudonymisation_key.load_ring()
     except KeyError_ as err:
         raise dg.Failure(description=str(err), allow_retries=False) from None
+    key = ring[0]
     if key.development:
         context.log.warning("Using the DEVELOPMENT-ONLY pseudonymisation key from the data folder: tokens are not "
                             "linkable with any other system. Set CLD_PSEUDO_KEY for real data.")
@@ -127,8 +128,19 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             if current is None:
                 raise dg.Failure(description=f"No accepted submission for LA {la_code} in {quarter}.",
                                  allow_retries=False)
-            con.execute(f"COPY (SELECT * FROM validated.events WHERE submission_id = ? ORDER BY row_number) "
-                        f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)", [current["submission_id"]])
+            # Rows of people under restriction stay in the processor zone, and so do links to people
+            # under restriction, erasure or objection from other people's rows.
+            try:
+                links, params = rights.withheld_links_select(con, ring, "v", "v.la_code_of_file")
+            except rights.RightsError as err:
+                raise dg.Failure(description=str(err), allow_retries=False) from None
+            con.execute("ALTER TABLE validated.events ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
+            con.execute(f"COPY (SELECT v.*{links} FROM validated.events v WHERE submission_id = $submission_id "
+                        f"AND NOT processing_restricted ORDER BY row_number) "
+                        f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)",
+                        {**params, "submission_id": current["submission_id"]})
+            restricted = con.execute("SELECT count(*) FROM validated.events WHERE submission_id = ? AND "
+                                     "processing_restricted", [current["submission_id"]]).fetchall()[0][0]
             # The submission's non-identifying facts, for DHSC's submission selection in the analysts' zone.
             con.execute(f"""COPY (SELECT s.submission_id, s.la_code, s.quarter, s.received_at, s.reporting_period_start,
                                         s.reporting_period_end, v.derived_period_start, v.derived_period_end,
@@ -183,12 +195,14 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
     seconds = round(time.perf_counter() - started, 2)
     yield dg.MaterializeResult(metadata={
         "dagster/row_count": rows, "people": people, "key_version": key.version,
+        "rows_withheld_by_restriction": restricted,
         "development_key": key.development, "seconds": seconds,
         "rows_per_second": round(rows / max(seconds, 1e-3)),
         "people_in_groups_smaller_than_5": int(in_small), "quasi_identifier_groups": groups,
         "dagster/column_schema": schema, "dagster/table_name": "analytics.pseudonymised.events"})
     yield dg.AssetCheckResult(check_name="row_conservation", passed=rows == validated_rows,
-                              metadata={"validated": validated_rows, "pseudonymised": rows})
+                              metadata={"validated": validated_rows + restricted, "restricted": restricted,
+                                        "pseudonymised": rows})
     yield dg.AssetCheckResult(check_name="no_direct_identifiers", passed=not leaked_columns and tokened == rows,
                               metadata={"identifying_columns": ", ".join(leaked_columns) or "none",
                                         "rows_without_token": rows - tokened})

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from cld_pipeline import settings
 from cld_pipeline.defs.ingest.assets import RAW_EVENTS, RAW_SUBMISSIONS
 from cld_pipeline.defs.partitions import submission_partitions
-from cld_pipeline.defs.resources import LockedDuckDBResource
-from cld_pipeline.lib import raw_store
+from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
+from cld_pipeline.lib import raw_store, rights
+from cld_pipeline.lib.pseudonymise import KeyError_
 from cld_pipeline.lib.validation import store
 from cld_pipeline.lib.validation.engine import SubmissionContext, validate_submission
 from cld_pipeline.lib.validation.report import write_report
@@ -61,7 +62,8 @@ CHECKS = [
     partitions_def=submission_partitions,
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
-def validated_submission(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource):
+def validated_submission(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
+                         pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     keys = context.partition_key.keys_by_dimension
     la_code, quarter = keys["la"], keys["quarter"]
@@ -74,6 +76,14 @@ def validated_submission(context: dg.AssetExecutionContext, identifiable_db: Loc
                 raise dg.Failure(description=f"No accepted submission for LA {la_code} in {quarter} to validate.",
                                  allow_retries=False)
             store.export_raw_rows(con, current["submission_id"], scratch / "raw.parquet")
+            restrictions = not rights.register_is_empty(con, rights.RESTRICTING)
+        ring = None
+        if restrictions:   # matching the register needs the key; most runs never load it here
+            try:
+                ring = pseudonymisation_key.load_ring()
+            except KeyError_ as err:
+                raise dg.Failure(description=f"Active restrictions must be applied to this submission: {err}",
+                                 allow_retries=False) from None
         ctx = SubmissionContext(
             submission_id=current["submission_id"], la_code=la_code, quarter=quarter,
             received_date=current["received_at"].date(), expected_field_count=_field_count(scratch / "raw.parquet"),
@@ -101,7 +111,10 @@ def validated_submission(context: dg.AssetExecutionContext, identifiable_db: Loc
             "report_csv": str(csv_path.relative_to(settings.data_dir())), "seconds": result.seconds,
         }
         with identifiable_db.get_connection() as con:
-            store.replace_partition(con, la_code, quarter, ctx.submission_id, scratch, summary)
+            try:
+                restricted = store.replace_partition(con, la_code, quarter, ctx.submission_id, scratch, summary, ring)
+            except rights.RightsError as err:
+                raise dg.Failure(description=str(err), allow_retries=False) from None
             schemas = {t: table_schema(con, "validated", t) for t in store.TABLES}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -113,7 +126,7 @@ def validated_submission(context: dg.AssetExecutionContext, identifiable_db: Loc
     common = {"submission_id": ctx.submission_id, "file": current["file_name"]}
     yield dg.MaterializeResult(asset_key=EVENTS, metadata={
         **common, "dagster/row_count": result.accepted_rows, "rows_submitted": result.raw_rows,
-        "rows_rejected": result.rejected_rows, "rows_flagged": len(flagged),
+        "rows_rejected": result.rejected_rows, "rows_flagged": len(flagged), "rows_restricted": restricted,
         "rows_per_second": round(result.raw_rows / max(seconds, 1e-3)), "seconds": dg.MetadataValue.json(timing),
         "most_frequent_findings": dg.MetadataValue.json(dict(worst)),
         "report": str(html), "dagster/column_schema": schemas["events"],

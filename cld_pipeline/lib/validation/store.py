@@ -17,12 +17,18 @@ def export_raw_rows(con: duckdb.DuckDBPyConnection, submission_id: str, target: 
 
 
 def replace_partition(con: duckdb.DuckDBPyConnection, la_code: str, quarter: str, submission_id: str,
-                      work: Path, summary: dict) -> None:
-    """Remove whatever an earlier submission of this LA-quarter left, insert this one's results."""
+                      work: Path, summary: dict, ring=None) -> int:
+    """Remove whatever an earlier submission of this LA-quarter left, insert this one's results, and
+    flag the rows of people under a restriction (`ring`: the keys to match the rights register,
+    needed only when a restriction is active). Returns the rows restricted."""
+    from cld_pipeline.lib.rights import flag_restricted
+
     con.execute("CREATE SCHEMA IF NOT EXISTS validated")
     for table in TABLES:
         con.execute(f"CREATE TABLE IF NOT EXISTS validated.{table} AS "
                     f"SELECT * FROM read_parquet('{work / (table + '.parquet')}') LIMIT 0")
+    # Restricted rows stay stored but never leave the processor zone (privacy.md 4.3).
+    con.execute("ALTER TABLE validated.events ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
     con.execute("""CREATE TABLE IF NOT EXISTS validated.submissions (
         submission_id VARCHAR PRIMARY KEY, la_code VARCHAR, quarter VARCHAR, raw_rows BIGINT,
         accepted_rows BIGINT, rejected_rows BIGINT, flagged_rows BIGINT,
@@ -40,7 +46,11 @@ def replace_partition(con: duckdb.DuckDBPyConnection, la_code: str, quarter: str
             summary["flagged_rows"], summary["stated_start"], summary["stated_end"], summary["derived_start"],
             summary["derived_end"], summary["period_differs"], summary["report_html"], summary["report_csv"],
             json.dumps(summary["seconds"]), dt.datetime.now()])
+        restricted = flag_restricted(con, ring, "validated.events", "submission_id = $submission_id",
+                                     {"submission_id": submission_id}, "nhs_number", "la_code_of_file",
+                                     "la_person_unique_identifier")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+    return restricted
