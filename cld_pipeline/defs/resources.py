@@ -20,8 +20,19 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from cld_pipeline.lib.pseudonymise import PseudoKey, load_key
+from cld_pipeline.lib.pseudonymise import PseudoKey, load_key, load_ring
 from cld_pipeline.settings import analytics_db_path, data_dir, identifiable_db_path
+
+
+# Owner-only for the processor zone; the analysts' group may read the analysts' zone.
+FILE_MODES = {"identifiable.duckdb": 0o600, "analytics.duckdb": 0o640}
+
+
+def _restrict_file_mode(database: str) -> None:
+    path = Path(database)
+    mode = FILE_MODES.get(path.name)
+    if mode is not None and path.exists() and (path.stat().st_mode & 0o777) != mode:
+        os.chmod(path, mode)
 
 
 class LockedDuckDBResource(DuckDBResource):
@@ -45,9 +56,24 @@ class LockedDuckDBResource(DuckDBResource):
                     time.sleep(0.05)
             try:
                 with super().get_connection() as con:
+                    _restrict_file_mode(self.database)
                     yield con
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class ProcessorZoneOutbox(dg.ConfigurableResource):
+    """Write-only access to the processor zone for analytical assets: they may deposit results
+    that must not be shown to analysts (the benchmark's unsuppressed figures), but get no connection
+    and so cannot read identifiers. Analytical assets never take `identifiable_db` (a test says so)."""
+
+    database: str
+
+    def replace_slice(self, table: str, parquet: str, where: str, params: list) -> None:
+        from cld_pipeline.lib.warehouse import replace_slice
+
+        with LockedDuckDBResource(database=self.database).get_connection() as con:
+            replace_slice(con, table, f"read_parquet('{parquet}')", where, params)
 
 
 class PseudonymisationKey(dg.ConfigurableResource):
@@ -59,9 +85,14 @@ class PseudonymisationKey(dg.ConfigurableResource):
     key: str | None = None
     key_version: str = "1"
     environment: str = "development"
+    previous_keys: str | None = None
 
     def load(self) -> PseudoKey:
         return load_key(self.key, self.key_version, self.environment, data_dir())
+
+    def load_ring(self) -> tuple[PseudoKey, ...]:
+        """Current key and the previous versions still held (`CLD_PSEUDO_KEY_PREVIOUS`)."""
+        return load_ring(self.load(), self.previous_keys)
 
 
 @dg.definitions
@@ -72,10 +103,13 @@ def resources() -> dg.Definitions:
         resources={
             "identifiable_db": LockedDuckDBResource(database=str(identifiable_db_path())),
             "analytics_db": LockedDuckDBResource(database=str(analytics_db_path())),
+            "processor_outbox": ProcessorZoneOutbox(database=str(identifiable_db_path())),
             "pseudonymisation_key": PseudonymisationKey(
                 key=dg.EnvVar("CLD_PSEUDO_KEY") if os.environ.get("CLD_PSEUDO_KEY") else None,
                 key_version=os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
                 environment=os.environ.get("CLD_ENVIRONMENT", "development"),
+                previous_keys=(dg.EnvVar("CLD_PSEUDO_KEY_PREVIOUS") if os.environ.get("CLD_PSEUDO_KEY_PREVIOUS")
+                               else None),
             ),
         }
     )

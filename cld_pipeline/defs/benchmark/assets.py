@@ -19,7 +19,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.linked.assets import AUTOMATION, KEYS as LINKED, quarter_period
 from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
-from cld_pipeline.defs.resources import LockedDuckDBResource
+from cld_pipeline.defs.resources import LockedDuckDBResource, ProcessorZoneOutbox
 from cld_pipeline.lib import benchmark
 from cld_pipeline.lib.dashboard import DashboardBuilder
 from cld_pipeline.lib.warehouse import replace_slice, table_schema
@@ -84,7 +84,7 @@ def disclosure_problems(con, quarter: str) -> dict[str, int]:
     ],
 )
 def benchmark_quarter(context: dg.AssetExecutionContext, config: BenchmarkConfig, analytics_db: LockedDuckDBResource,
-                      identifiable_db: LockedDuckDBResource):
+                      processor_outbox: ProcessorZoneOutbox):
     started = time.perf_counter()
     quarter = context.partition_key
     start, end = quarter_period(quarter)
@@ -114,11 +114,9 @@ def benchmark_quarter(context: dg.AssetExecutionContext, config: BenchmarkConfig
                                      (SELECT la_code FROM selection_single)""").fetchall()[0][0]
             schemas = {n: table_schema(con, "benchmark", n) for n in SHARED}
             schemas.update({n: table_schema(con, "dhsc", n) for n in MAIN})
-        with identifiable_db.get_connection() as con:
-            for table in benchmark.RAW_TABLES:
-                name = table.removeprefix("raw_")
-                replace_slice(con, f"benchmark_unsuppressed.{name}", f"read_parquet('{scratch / table}.parquet')",
-                              "quarter = ?", [quarter])
+        for table in benchmark.RAW_TABLES:   # unsuppressed figures stay out of the analysts' zone
+            processor_outbox.replace_slice(f"benchmark_unsuppressed.{table.removeprefix('raw_')}",
+                                           str(scratch / f"{table}.parquet"), "quarter = ?", [quarter])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = round(time.perf_counter() - started, 2)
