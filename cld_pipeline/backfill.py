@@ -126,3 +126,34 @@ def daemon_is_running(instance: dg.DagsterInstance, within_seconds: float = 120)
     beats = instance.get_daemon_heartbeats()
     beat = beats.get("BACKFILL")
     return bool(beat and time.time() - beat.timestamp < within_seconds)
+
+
+def launch_rebuild_backfills(instance: dg.DagsterInstance, summary: dict, request_id: str) -> list[str]:
+    """After a rights request (launched from the UI): backfills that rebuild the LA partitions and
+    hospital quarters it touched, and the linked and benchmark tables downstream of them."""
+    from cld_pipeline.definitions import defs as load_defs
+    from cld_pipeline.defs.partitions import submission_partition_key
+    from cld_pipeline.defs.rights.jobs import SUBMISSION_REBUILD
+    from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
+
+    asset_graph = load_defs().resolve_asset_graph()
+    downstream = sorted((k for k in asset_graph.get_all_asset_keys() if asset_graph.get(k).group_name in QUARTER_GROUPS),
+                        key=lambda k: k.to_user_string())
+    plans = []
+    if summary["partitions"]:
+        names = [str(submission_partition_key(la, quarter))
+                 for quarter, la in (p.split(" x ") for p in summary["partitions"])]
+        plans.append((names, SUBMISSION_REBUILD + downstream))
+    if summary["hospital_quarters"]:
+        plans.append((summary["hospital_quarters"], [PSEUDONYMISED_EPISODES]))
+    ids = []
+    for names, selection in plans:
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=make_new_backfill_id(), asset_graph=asset_graph, partition_names=names,
+            asset_selection=selection, backfill_timestamp=time.time(),
+            tags={"cld/rights_request": request_id, "cld/backfill": "rights"}, dynamic_partitions_store=instance,
+            all_partitions=False, title=f"Rights request {request_id}: rebuild", description="Launched by rights_job",
+            run_config=None)
+        instance.add_backfill(backfill)
+        ids.append(backfill.backfill_id)
+    return ids

@@ -2,6 +2,11 @@
 
     cld-pipeline generate [--scale tiny|small|national] [--quarters N] [--seed S] ...
     cld-pipeline run        process everything in the landing folder (headless), print a summary
+    cld-pipeline backfill --quarter Q [--la L] [--failed-only] [--status]
+    cld-pipeline rights copy|restrict|unrestrict|object|erase (--nhs-number N | --la L --person-id P) --reason R
+    cld-pipeline rights apply --request ID | list
+    cld-pipeline audit [--action A] [--limit N] [--verify]
+    cld-pipeline retention [--dry-run] [--today DATE]
     cld-pipeline spec-docs [--check]
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +91,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
     from cld_pipeline.headless import process_landing
     from cld_pipeline.lib.pseudonymise import KeyError_, load_key
 
@@ -94,6 +98,13 @@ def _run(args: argparse.Namespace) -> int:
         load_key(os.environ.get("CLD_PSEUDO_KEY"), os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
                  os.environ.get("CLD_ENVIRONMENT", "development"), settings.data_dir())
     except KeyError_ as err:
+        print(f"cld-pipeline run: {err}", file=sys.stderr)
+        return 2
+    from cld_pipeline.lib.retention import AgreementEnded, assert_processing_allowed
+
+    try:
+        assert_processing_allowed()
+    except AgreementEnded as err:
         print(f"cld-pipeline run: {err}", file=sys.stderr)
         return 2
 
@@ -142,6 +153,91 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rights(args: argparse.Namespace) -> int:
+    from cld_pipeline import subject_rights
+    from cld_pipeline.lib import rights
+    from cld_pipeline.lib.audit import current_actor
+    from cld_pipeline.lib.pseudonymise import KeyError_
+
+    try:
+        if args.action == "list":
+            identifiable, _ = subject_rights._zones()
+            with identifiable.get_connection() as con:
+                rights.ensure_schema(con)
+                cur = con.execute("SELECT request_id, action, status, lodged_at, applied_at, requested_by, reason "
+                                  "FROM rights.requests ORDER BY lodged_at")
+                names = [d[0] for d in cur.description]
+                print(json.dumps([dict(zip(names, r)) for r in cur.fetchall()], indent=2, default=str))
+            return 0
+        if args.action == "apply":
+            if not args.request:
+                print("cld-pipeline rights apply: --request is required", file=sys.stderr)
+                return 2
+            request_id = args.request
+        else:
+            person = rights.parse_person(args.nhs_number, args.la, args.person_id)
+            request_id = subject_rights.lodge(args.action, person, args.requested_by or current_actor(), args.reason or "")
+            print(f"lodged    {request_id} ({args.action})")
+            if args.lodge_only:
+                print(f"apply it with `cld-pipeline rights apply --request {request_id}`, or launch rights_job in the "
+                      f"UI with request_id: {request_id}")
+                return 0
+        summary = subject_rights.carry_out(request_id, log=(lambda *_: None) if args.quiet else print)
+    except (rights.RightsError, KeyError_) as err:
+        print(f"cld-pipeline rights: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if not summary.get("rebuild_failed") and not summary.get("verification") else 1
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from cld_pipeline import subject_rights
+    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.lib import audit, retention
+
+    if retention.destroyed():
+        print("The data was destroyed; the audit log is exported beside the certificate in destruction/.")
+        return 0
+    instance = prepare_instance()
+    identifiable, _ = subject_rights._zones()
+    with identifiable.get_connection() as con:
+        audit.sync_dagster(instance, con)
+        if args.verify:
+            broken = audit.verify(con)
+            print("audit log chain intact" if broken is None else f"audit log chain broken at entry {broken}")
+            return 0 if broken is None else 1
+        rows = audit.entries(con, args.action, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['seq']:>6}  {r['logged_at']:%Y-%m-%d %H:%M:%S}  {r['actor']:<24.24}  {r['action']:<22.22}  "
+              f"{(r['target'] or ''):<40.40}  {r['purpose'] or ''}")
+    return 0
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from cld_pipeline.definitions import defs as load_defs
+    from cld_pipeline.headless import prepare_instance
+
+    config = {"dry_run": args.dry_run, "today": str(args.today) if args.today else ""}
+    result = load_defs().resolve_job_def("retention_job").execute_in_process(
+        run_config={"ops": {"destroy_expired_data": {"config": config}}}, instance=prepare_instance(),
+        tags={"cld/actor": os.environ.get("CLD_ACTOR") or "cli", "cld/purpose": "retention"}, raise_on_error=False)
+    if not result.success:
+        from cld_pipeline.headless import _failure_message
+
+        print(f"cld-pipeline retention: {_failure_message(result)}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        from cld_pipeline.lib import retention
+
+        print(json.dumps(retention.destroy(dry_run=True, today=args.today), indent=2, default=str))
+    else:
+        print(json.dumps(result.output_for_node("destroy_expired_data"), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cld-pipeline", description="Adult Social Care Client Level Data pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--status", action="store_true", help="print the quarter's partition status and exit "
                                                           "(exit 0 when the quarter is whole)")
     bf.set_defaults(func=_backfill)
+
+    rg = sub.add_parser("rights", help="data-subject rights: copy, restrict, unrestrict, object, erase",
+                        description="Lodge a data-subject rights request and apply it through rights_job: the "
+                                    "person's records in every layer are copied, withheld from analysis, or removed and "
+                                    "kept out of later submissions; affected partitions are rebuilt and the result "
+                                    "verified. Identifiers stay in this process and the processor zone.")
+    rg.add_argument("action", choices=["copy", "restrict", "unrestrict", "object", "erase", "apply", "list"])
+    rg.add_argument("--nhs-number", help="the person's NHS number")
+    rg.add_argument("--la", help="council (CLD or ONS code), with --person-id")
+    rg.add_argument("--person-id", help="the council's own person id, with --la")
+    rg.add_argument("--reason", help="why: case reference and legal basis (recorded in the audit log; no identifiers)")
+    rg.add_argument("--requested-by", help="who is acting (default: CLD_ACTOR or the user name)")
+    rg.add_argument("--request", help="with `apply`: a request lodged earlier")
+    rg.add_argument("--lodge-only", action="store_true", help="record the request; apply it later or from the UI")
+    rg.add_argument("--quiet", action="store_true", help="only the JSON summary")
+    rg.set_defaults(func=_rights)
+
+    au = sub.add_parser("audit", help="print the audit log (runs, materialisations, rights actions, exports)",
+                        description="Syncs finished Dagster runs into the processor zone's append-only audit log "
+                                    "and prints it: when, who, what, target, why.")
+    au.add_argument("--action", help="only entries of this action (run, materialisation, rights, export, retention)")
+    au.add_argument("--limit", type=int, help="only the last N entries")
+    au.add_argument("--json", action="store_true")
+    au.add_argument("--verify", action="store_true", help="check the hash chain (exit 1 if an entry was altered)")
+    au.set_defaults(func=_audit)
+
+    rt = sub.add_parser("retention", help="destroy the data once the data sharing agreement has ended",
+                        description="Runs retention_job: once CLD_DSA_EXPIRES_ON has passed, destroys both databases, "
+                                    "the archive, quarantine, landing, reports, rights copies and the development key, "
+                                    "and writes a destruction certificate under destruction/. Before then, or with "
+                                    "--dry-run, it lists what would go and deletes nothing.")
+    rt.add_argument("--dry-run", action="store_true", help="list what would be destroyed; delete nothing")
+    rt.add_argument("--today", type=_date, help="judge expiry as of this date (rehearsals)")
+    rt.set_defaults(func=_retention)
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")

@@ -48,6 +48,13 @@ def prepare_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
+def headless_tags() -> dict[str, str]:
+    """Who and why, for the audit log."""
+    from cld_pipeline.lib.audit import current_actor
+
+    return {"cld/actor": current_actor(), "cld/purpose": "cld-pipeline run (headless processing of the landing folder)"}
+
+
 @dataclass
 class RunSummary:
     accepted: list[dict] = field(default_factory=list)
@@ -90,6 +97,7 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
         requests += cld_requests
         if not requests:
             _rebuild_quarters(defs, instance, summary, log)
+            sync_audit(instance)
             return summary
         if new_quarters:
             instance.add_dynamic_partitions(quarter_partitions.name, sorted(new_quarters))
@@ -98,7 +106,7 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
             started = time.perf_counter()
             result = job.execute_in_process(
                 run_config=request.run_config, instance=instance, partition_key=request.partition_key,
-                tags=request.tags, raise_on_error=False)
+                tags={**request.tags, **headless_tags()}, raise_on_error=False)
             file_name = request.tags["cld/file"]
             entry = {"file": file_name, "run_id": result.run_id, "seconds": round(time.perf_counter() - started, 2)}
             if request.job_name in ("quarantine_job", "quarantine_hospital_job"):
@@ -148,7 +156,7 @@ def _run_quarter_job(job, instance: dg.DagsterInstance, quarter: str, summary: R
     layer = job.name.removesuffix("_quarter_job")
     started = time.perf_counter()
     result = job.execute_in_process(instance=instance, partition_key=quarter, raise_on_error=False,
-                                    tags={"cld/quarter": quarter})
+                                    tags={"cld/quarter": quarter, **headless_tags()})
     entry = {"file": f"{layer} {quarter}", "run_id": result.run_id, "quarter": quarter, "layer": layer,
              "seconds": round(time.perf_counter() - started, 2)}
     if result.success:
@@ -158,6 +166,15 @@ def _run_quarter_job(job, instance: dg.DagsterInstance, quarter: str, summary: R
         entry["error"] = _failure_message(result)
         summary.failed.append(entry)
         log(f"FAILED    {layer} {quarter}: {entry['error']}")
+
+
+def sync_audit(instance: dg.DagsterInstance | None = None) -> None:
+    """Copy the finished runs into the audit log (the audit sensor does this under the daemon)."""
+    from cld_pipeline.defs.resources import LockedDuckDBResource
+    from cld_pipeline.lib import audit
+
+    with LockedDuckDBResource(database=str(settings.identifiable_db_path())).get_connection() as con:
+        audit.sync_dagster(instance or prepare_instance(), con)
 
 
 def _failure_message(result) -> str:
