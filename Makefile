@@ -33,5 +33,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Heavy: generates 100k / 1M / 8M-row collections under bench/work/ and runs them (about an hour).
+bench: setup
+	$(BIN)/cld-pipeline bench $(BENCH_ARGS)
+
 docs: setup
 	$(BIN)/cld-pipeline spec-docs

@@ -313,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--today", type=_date, help="judge expiry as of this date (rehearsals)")
     rt.set_defaults(func=_retention)
 
+    bn = sub.add_parser("bench", help="benchmark the pipeline end to end at three scales against a DuckDB baseline",
+                        description="Generates 100k, 1M and 8M-row collections under bench/work/ if absent, runs "
+                                    "`cld-pipeline run` on each (medians of --repeat runs below 8M) and the plain DuckDB "
+                                    "baseline, and writes bench/results.json and bench/results.md.")
+    bn.add_argument("--scale", action="append", choices=["100k", "1m", "8m", "10k"], help="repeatable; default all three")
+    bn.add_argument("--repeat", type=int, default=3)
+    bn.set_defaults(func=lambda a: __import__("cld_pipeline.bench", fromlist=["main"]).main(
+        a.scale or ["100k", "1m", "8m"], a.repeat))
+
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")
     docs.set_defaults(func=_spec_docs)
