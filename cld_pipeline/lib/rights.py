@@ -158,12 +158,17 @@ def suppress_submission(con: duckdb.DuckDBPyConnection, ring, submission_id: str
     return dropped
 
 
+def ensure_restriction_column(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """The validated tables' `processing_restricted` flag (false unless a restriction is in force)."""
+    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
+
+
 def flag_restricted(con: duckdb.DuckDBPyConnection, ring, table: str, where: str, params: dict,
                     nhs_sql: str, la_code_sql: str | None = None, la_id_sql: str | None = None) -> int:
     """Set `processing_restricted` on the rows of `table` matching `where`: true exactly for rows of
     people under an active restriction. Returns the rows restricted."""
     ensure_schema(con)
-    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
+    ensure_restriction_column(con, table)
     m = matcher(con, ring, RESTRICTING)
     if m is None:
         con.execute(f"UPDATE {table} SET processing_restricted = false WHERE {where} AND processing_restricted",

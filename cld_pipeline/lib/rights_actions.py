@@ -142,6 +142,11 @@ def _quarter_column(con, table: str) -> str | None:
     return next((c for c in ("benchmark_quarter", "quarter") if c in columns), None)
 
 
+def _load_tokens(con: duckdb.DuckDBPyConnection, tokens: list[str]) -> None:
+    """The person's tokens as temp table `person_tokens`, which the filters below refer to."""
+    con.execute("CREATE OR REPLACE TEMP TABLE person_tokens AS SELECT unnest(?::VARCHAR[]) AS token", [tokens])
+
+
 def _token_filter(columns: list[str]) -> tuple[str, str]:
     """(rows of the person, rows of the person or linking to them) over a table's token columns."""
     person = "person_id IN (SELECT token FROM person_tokens)" if "person_id" in columns else "false"
@@ -152,7 +157,7 @@ def _token_filter(columns: list[str]) -> tuple[str, str]:
 def export_for_hold(con: duckdb.DuckDBPyConnection, tokens: list[str], scratch: Path) -> list[tuple[str, Path]]:
     """A restricted person's rows (and rows linking to them) of the tables no job can rebuild, as
     Parquet files for the hold; returns (table, file)."""
-    con.execute("CREATE OR REPLACE TEMP TABLE person_tokens AS SELECT unnest(?::VARCHAR[]) AS token", [tokens])
+    _load_tokens(con, tokens)
     out = []
     for table, columns in person_tables(con).items():
         if held(table):
@@ -166,7 +171,7 @@ def act_in_analytics(con: duckdb.DuckDBPyConnection, action: str, tokens: list[s
     """Remove the person from the analysts' zone: their rows deleted and links to them blanked
     (restriction: rows of tables that cannot be rebuilt go whole, after `export_for_hold`). Records
     the quarters whose linked and benchmark tables held them."""
-    con.execute("CREATE OR REPLACE TEMP TABLE person_tokens AS SELECT unnest(?::VARCHAR[]) AS token", [tokens])
+    _load_tokens(con, tokens)
     for table, columns in person_tables(con).items():
         person, touching = _token_filter(columns)
         if quarter := _quarter_column(con, table):
@@ -199,7 +204,7 @@ def release(icon: duckdb.DuckDBPyConnection, tokens: list[str], scratch: Path) -
     if not icon.execute("SELECT count(*) FROM information_schema.schemata WHERE schema_name = ?",
                         [HELD_SCHEMA]).fetchall()[0][0]:
         return out
-    icon.execute("CREATE OR REPLACE TEMP TABLE person_tokens AS SELECT unnest(?::VARCHAR[]) AS token", [tokens])
+    _load_tokens(icon, tokens)
     for (table,) in icon.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
                                  [HELD_SCHEMA]).fetchall():
         name = f'{HELD_SCHEMA}."{table}"'
@@ -299,7 +304,7 @@ def export_processor_rows(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[
 def export_token_rows(con: duckdb.DuckDBPyConnection, tokens: list[str], folder: Path, schema: str | None = None
                       ) -> dict[str, int]:
     """The person's rows of every table holding person tokens (the analysts' zone, or the hold)."""
-    con.execute("CREATE OR REPLACE TEMP TABLE person_tokens AS SELECT unnest(?::VARCHAR[]) AS token", [tokens])
+    _load_tokens(con, tokens)
     counts = {}
     if schema:
         tables = {f'{schema}."{t}"': person_tables_columns(con, schema, t) for (t,) in con.execute(

@@ -185,8 +185,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
                                 f"read_parquet('{scratch / 'raw.parquet'}')")
                     con.execute("CREATE TABLE IF NOT EXISTS validated.hospital_episodes AS SELECT * FROM "
                                 f"read_parquet('{scratch / 'accepted.parquet'}') LIMIT 0")
-                    con.execute("ALTER TABLE validated.hospital_episodes ADD COLUMN IF NOT EXISTS "
-                                "processing_restricted BOOLEAN DEFAULT false")
+                    rights.ensure_restriction_column(con, "validated.hospital_episodes")
                     con.execute("DELETE FROM validated.hospital_episodes WHERE quarter = ?", [quarter])
                     con.execute("INSERT INTO validated.hospital_episodes BY NAME SELECT * FROM "
                                 f"read_parquet('{scratch / 'accepted.parquet'}')")
@@ -254,8 +253,7 @@ def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifia
         source = scratch / "validated.parquet"
         with identifiable_db.get_connection() as con:
             _ensure_tables(con)
-            con.execute("ALTER TABLE validated.hospital_episodes ADD COLUMN IF NOT EXISTS "
-                        "processing_restricted BOOLEAN DEFAULT false")
+            rights.ensure_restriction_column(con, "validated.hospital_episodes")
             con.execute(f"COPY (SELECT * FROM validated.hospital_episodes WHERE quarter = ? AND NOT processing_restricted "
                         f"ORDER BY row_number) TO '{source}' (FORMAT parquet)", [quarter])
         out = scratch / "pseudonymised.parquet"

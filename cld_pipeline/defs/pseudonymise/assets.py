@@ -134,7 +134,7 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
                 links, params = rights.withheld_links_select(con, ring, "v", "v.la_code_of_file")
             except rights.RightsError as err:
                 raise dg.Failure(description=str(err), allow_retries=False) from None
-            con.execute("ALTER TABLE validated.events ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
+            rights.ensure_restriction_column(con, "validated.events")
             con.execute(f"COPY (SELECT v.*{links} FROM validated.events v WHERE submission_id = $submission_id "
                         f"AND NOT processing_restricted ORDER BY row_number) "
                         f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)",

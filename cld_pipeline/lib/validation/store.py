@@ -21,14 +21,14 @@ def replace_partition(con: duckdb.DuckDBPyConnection, la_code: str, quarter: str
     """Remove whatever an earlier submission of this LA-quarter left, insert this one's results, and
     flag the rows of people under a restriction (`ring`: the keys to match the rights register,
     needed only when a restriction is active). Returns the rows restricted."""
-    from cld_pipeline.lib.rights import flag_restricted
+    from cld_pipeline.lib.rights import ensure_restriction_column, flag_restricted
 
     con.execute("CREATE SCHEMA IF NOT EXISTS validated")
     for table in TABLES:
         con.execute(f"CREATE TABLE IF NOT EXISTS validated.{table} AS "
                     f"SELECT * FROM read_parquet('{work / (table + '.parquet')}') LIMIT 0")
     # Restricted rows stay stored but never leave the processor zone (privacy.md 4.3).
-    con.execute("ALTER TABLE validated.events ADD COLUMN IF NOT EXISTS processing_restricted BOOLEAN DEFAULT false")
+    ensure_restriction_column(con, "validated.events")
     con.execute("""CREATE TABLE IF NOT EXISTS validated.submissions (
         submission_id VARCHAR PRIMARY KEY, la_code VARCHAR, quarter VARCHAR, raw_rows BIGINT,
         accepted_rows BIGINT, rejected_rows BIGINT, flagged_rows BIGINT,
