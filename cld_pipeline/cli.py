@@ -238,7 +238,15 @@ def _retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def rights_actions() -> tuple[str, ...]:
+    from cld_pipeline.lib.rights import ACTIONS
+
+    return ACTIONS
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cld_pipeline import bench
+
     parser = argparse.ArgumentParser(prog="cld-pipeline", description="Adult Social Care Client Level Data pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "person's records in every layer are copied, withheld from analysis, or removed and "
                                     "kept out of later submissions; affected partitions are rebuilt and the result "
                                     "verified. Identifiers stay in this process and the processor zone.")
-    rg.add_argument("action", choices=["copy", "restrict", "unrestrict", "object", "erase", "apply", "list"])
+    rg.add_argument("action", choices=[*rights_actions(), "apply", "list"])
     rg.add_argument("--nhs-number", help="the person's NHS number")
     rg.add_argument("--la", help="council (CLD or ONS code), with --person-id")
     rg.add_argument("--person-id", help="the council's own person id, with --la")
@@ -317,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generates 100k, 1M and 8M-row collections under bench/work/ if absent, runs "
                                     "`cld-pipeline run` on each (medians of --repeat runs below 8M) and the plain DuckDB "
                                     "baseline, and writes bench/results.json and bench/results.md.")
-    bn.add_argument("--scale", action="append", choices=["100k", "1m", "8m", "10k"], help="repeatable; default all three")
+    bn.add_argument("--scale", action="append", choices=[*bench.SCALES, *bench.SMOKE],
+                    help="repeatable; default all three")
     bn.add_argument("--repeat", type=int, default=3)
-    bn.set_defaults(func=lambda a: __import__("cld_pipeline.bench", fromlist=["main"]).main(
-        a.scale or ["100k", "1m", "8m"], a.repeat))
+    bn.set_defaults(func=lambda a: bench.main(a.scale or list(bench.SCALES), a.repeat))
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")
