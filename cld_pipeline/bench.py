@@ -141,14 +141,19 @@ def layer_stats(target: Path, sampler: Sampler) -> dict:
         if record.start_time and record.end_time:
             overhead += (record.end_time - record.start_time) - steps
             runs += 1
-    # Where validation's time goes (the asset records its own split per partition).
+    # Where validation's time goes (the asset records its own split per run; a batch run repeats it
+    # on each partition it covers, so each run counts once).
     split: dict[str, float] = {}
+    seen: set[str] = set()
     try:
         records = instance.fetch_materializations(dg.AssetKey(["validated", "events"]), limit=10_000).records
     except Exception as err:  # the split is a profile, not a result: never lose a run over it
         print(f"no validation split: {err}", file=sys.stderr)
         records = []
     for event in records:
+        if event.run_id in seen:
+            continue
+        seen.add(event.run_id)
         timing = event.asset_materialization.metadata.get("seconds")
         for part, value in ((timing.value if timing else None) or {}).items():
             if part != "total" and isinstance(value, (int, float)):

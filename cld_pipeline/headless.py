@@ -101,35 +101,120 @@ def process_landing(instance: dg.DagsterInstance | None = None, log=print) -> Ru
             return summary
         if new_quarters:
             instance.add_dynamic_partitions(quarter_partitions.name, sorted(new_quarters))
+        # Two or more files of social care in one pass: land each in its own raw run, then validate
+        # and pseudonymise the councils of a quarter together in one set-based run (as a quarter's
+        # backfill does). A council with several files in the pass has them taken in arrival order,
+        # one per wave, so each is validated while it is current, as under the sensor. A single
+        # file keeps its own end-to-end run.
+        ingest = [r for r in requests if r.job_name == "ingest_submission_job"]
+        if len(ingest) < 2:
+            for request in requests:
+                _execute(defs, instance, request, summary, log, raw_only=False)
+            continue
         for request in requests:
-            job = defs.resolve_job_def(request.job_name)
-            started = time.perf_counter()
-            result = job.execute_in_process(
-                run_config=request.run_config, instance=instance, partition_key=request.partition_key,
-                tags={**request.tags, **headless_tags()}, raise_on_error=False)
-            file_name = request.tags["cld/file"]
-            entry = {"file": file_name, "run_id": result.run_id, "seconds": round(time.perf_counter() - started, 2)}
-            if request.job_name in ("quarantine_job", "quarantine_hospital_job"):
-                entry["reason"] = request.tags.get("cld/refused")
-                summary.quarantined.append(entry)
-                log(f"refused   {file_name}: {entry['reason']} (see quarantine/{file_name}.error.json)")
-            elif not result.success:
-                failure = _failure_message(result)
-                entry["error"] = failure
-                if "refused and moved to quarantine" in failure:
-                    summary.quarantined.append(entry)
-                    log(f"refused   {file_name}: {failure}")
-                else:
-                    summary.failed.append(entry)
-                    log(f"FAILED    {file_name}: {failure}")
-            elif not result.get_asset_materialization_events():
-                summary.duplicates.append(entry)
-                log(f"duplicate {file_name}")
+            if request.job_name != "ingest_submission_job":
+                _execute(defs, instance, request, summary, log, raw_only=False)
+        waves: list[list[dg.RunRequest]] = []
+        seen: dict[str, int] = {}
+        for request in ingest:
+            wave = seen[request.partition_key] = seen.get(request.partition_key, -1) + 1
+            if wave == len(waves):
+                waves.append([])
+            waves[wave].append(request)
+        for wave in waves:
+            landed = [e for e in (_execute(defs, instance, r, summary, log, raw_only=True) for r in wave)
+                      if e is not None]
+            _process_batches(defs, instance, landed, summary, log)
+
+
+def _execute(defs, instance: dg.DagsterInstance, request: dg.RunRequest, summary: RunSummary, log,
+             raw_only: bool) -> dict | None:
+    """Run one planned request in this process; returns the summary entry of a landed file."""
+    job = defs.resolve_job_def(request.job_name)
+    started = time.perf_counter()
+    result = job.execute_in_process(
+        run_config=request.run_config, instance=instance, partition_key=request.partition_key,
+        tags={**request.tags, **headless_tags()}, raise_on_error=False,
+        asset_selection=RAW_ASSETS if raw_only else None)
+    file_name = request.tags["cld/file"]
+    entry = {"file": file_name, "run_id": result.run_id, "seconds": round(time.perf_counter() - started, 2)}
+    if request.job_name in ("quarantine_job", "quarantine_hospital_job"):
+        entry["reason"] = request.tags.get("cld/refused")
+        summary.quarantined.append(entry)
+        log(f"refused   {file_name}: {entry['reason']} (see quarantine/{file_name}.error.json)")
+    elif not result.success:
+        failure = _failure_message(result)
+        entry["error"] = failure
+        if "refused and moved to quarantine" in failure:
+            summary.quarantined.append(entry)
+            log(f"refused   {file_name}: {failure}")
+        else:
+            summary.failed.append(entry)
+            log(f"FAILED    {file_name}: {failure}")
+    elif not result.get_asset_materialization_events():
+        summary.duplicates.append(entry)
+        log(f"duplicate {file_name}")
+    else:
+        entry.update({"la": request.tags.get("cld/la"), "quarter": request.tags.get("cld/quarter")})
+        summary.accepted.append(entry)
+        where = f"{entry['quarter']} x {entry['la']}" if entry["la"] else f"hospital {entry['quarter']}"
+        log(f"{'raw' if raw_only else 'landed':<9} {file_name} -> {where} in {entry['seconds']} s")
+        return entry
+    return None
+
+
+RAW_ASSETS = [dg.AssetKey(["raw", "submissions"]), dg.AssetKey(["raw", "events"])]
+BATCH_ASSETS = [dg.AssetKey(["validated", "events"]), dg.AssetKey(["validated", "rejections"]),
+                dg.AssetKey(["validated", "dq_flags"]), dg.AssetKey(["pseudonymised", "events"])]
+# Dagster's run tags for a run over a range of partitions (what a single-run backfill sets).
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def la_blocks(la_codes: set[str]) -> list[list[str]]:
+    """The councils as runs of neighbours in the partition order: a range of a multi-partitioned
+    asset covers every LA between its ends, so each block is one run with no LA that did not submit."""
+    from cld_pipeline.defs.partitions import la_partitions
+
+    order = la_partitions.get_partition_keys()
+    blocks: list[list[str]] = []
+    previous = None
+    for i, la in enumerate(order):
+        if la in la_codes:
+            if previous is not None and previous == i - 1:
+                blocks[-1].append(la)
             else:
-                entry.update({"la": request.tags.get("cld/la"), "quarter": request.tags.get("cld/quarter")})
-                summary.accepted.append(entry)
-                where = f"{entry['quarter']} x {entry['la']}" if entry["la"] else f"hospital {entry['quarter']}"
-                log(f"landed    {file_name} -> {where} in {entry['seconds']} s")
+                blocks.append([la])
+            previous = i
+    return blocks
+
+
+def _process_batches(defs, instance: dg.DagsterInstance, landed: list[dict], summary: RunSummary, log) -> None:
+    """Validate and pseudonymise the landed partitions, one run per quarter and block of councils."""
+    from cld_pipeline.defs.partitions import submission_partition_key
+
+    job = defs.resolve_job_def("ingest_submission_job")
+    for quarter in sorted({e["quarter"] for e in landed}):
+        entries = [e for e in landed if e["quarter"] == quarter]
+        for block in la_blocks({e["la"] for e in entries}):
+            started = time.perf_counter()
+            tags = {RANGE_START: str(submission_partition_key(block[0], quarter)),
+                    RANGE_END: str(submission_partition_key(block[-1], quarter)),
+                    "cld/quarter": quarter, "cld/las": str(len(block)), **headless_tags()}
+            result = job.execute_in_process(instance=instance, asset_selection=BATCH_ASSETS, tags=tags,
+                                            raise_on_error=False)
+            seconds = round(time.perf_counter() - started, 2)
+            in_block = [e for e in entries if e["la"] in set(block)]
+            for e in in_block:
+                e["batch_run_id"] = result.run_id
+            if result.success:
+                log(f"batch     {quarter}: {len(block)} council(s) {block[0]}..{block[-1]} validated and "
+                    f"pseudonymised in {seconds} s")
+            else:
+                error = _failure_message(result)
+                log(f"FAILED    batch {quarter} {block[0]}..{block[-1]}: {error}")
+                for e in in_block:
+                    summary.accepted.remove(e)
+                    summary.failed.append({**e, "error": error})
 
 
 def _rebuild_quarters(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:

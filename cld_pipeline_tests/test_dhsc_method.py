@@ -7,7 +7,7 @@ import datetime as dt
 import duckdb
 from cld_pipeline.lib import dhsc
 from cld_pipeline.lib.pseudonymise import PseudoKey, la_message, nhs_message, person_token_sql, token
-from cld_pipeline.lib.validation.engine import derived_reporting_period
+from cld_pipeline.lib.validation.engine import derived_reporting_periods
 
 D = dt.date
 
@@ -46,6 +46,12 @@ def ledger_table(con, files: list[tuple]) -> None:
 
 # --- 1. derived reporting period -------------------------------------------------------------------
 
+def derived_reporting_period(con, path, received: D):
+    con.execute("CREATE OR REPLACE TABLE submission_file AS SELECT 's' AS submission_id, ?::DATE AS received_date",
+                [received])
+    return derived_reporting_periods(con, path)["s"]
+
+
 def _period_rows(tmp_path, months: dict[str, tuple[int, int]], extra: list[tuple[str | None, str]] = ()):
     rows = []
     types = [REQUEST, ASSESSMENT, SERVICE, REVIEW]
@@ -54,8 +60,8 @@ def _period_rows(tmp_path, months: dict[str, tuple[int, int]], extra: list[tuple
             rows.append((f"{month}-15", types[i % n_types]))
     rows += list(extra)
     con = duckdb.connect()
-    con.execute("CREATE TABLE r (event_end_date VARCHAR, event_type VARCHAR)")
-    con.executemany("INSERT INTO r VALUES (?, ?)", rows)
+    con.execute("CREATE TABLE r (submission_id VARCHAR DEFAULT 's', event_end_date VARCHAR, event_type VARCHAR)")
+    con.executemany("INSERT INTO r (event_end_date, event_type) VALUES (?, ?)", rows)
     con.execute(f"COPY r TO '{tmp_path / 'raw.parquet'}' (FORMAT parquet)")
     return con, tmp_path / "raw.parquet"
 
@@ -69,6 +75,19 @@ def test_derived_reporting_period_file_a_and_file_b(tmp_path):
     b = {"2025-07": (17, 4), "2025-08": (16, 4), "2025-09": (16, 4), "2025-01": (1, 1)}
     con, path = _period_rows(tmp_path, b)
     assert derived_reporting_period(con, path, D(2025, 10, 20)) == (D(2025, 1, 1), D(2025, 9, 30))
+
+
+def test_derived_reporting_periods_are_each_submissions_own_in_a_batch(tmp_path):
+    """Two councils' files judged together: each month's 2% share is of its own file's rows."""
+    con, path = _period_rows(tmp_path, {f"2025-{m:02d}": (20, 4) for m in range(1, 10)})
+    con.execute(f"CREATE TABLE a AS SELECT * FROM '{path}'")
+    con.execute("CREATE TABLE b AS SELECT 't' AS submission_id, '2025-09-15' AS event_end_date, event_type "
+                "FROM a LIMIT 200")
+    con.execute(f"COPY (SELECT * FROM a UNION ALL SELECT * FROM b) TO '{tmp_path / 'two.parquet'}' (FORMAT parquet)")
+    con.execute("CREATE OR REPLACE TABLE submission_file AS SELECT * FROM (VALUES ('s', DATE '2025-10-20'), "
+                "('t', DATE '2025-10-20')) v(submission_id, received_date)")
+    periods = derived_reporting_periods(con, tmp_path / "two.parquet")
+    assert periods == {"s": (D(2025, 1, 1), D(2025, 9, 30)), "t": (D(2025, 9, 1), D(2025, 9, 30))}
 
 
 # --- 2. selecting submissions as of a date ---------------------------------------------------------

@@ -25,6 +25,12 @@ def submission_partition_key(la_code: str, quarter: str) -> dg.MultiPartitionKey
     return dg.MultiPartitionKey({"la": la_code, "quarter": quarter})
 
 
+def run_partitions(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
+    """(LA code, quarter) of every partition a run covers: one for an arriving file, many for a
+    quarter's backfill (the per-submission assets have `BackfillPolicy.single_run()`)."""
+    return [(k.keys_by_dimension["la"], k.keys_by_dimension["quarter"]) for k in context.partition_keys]
+
+
 # Hospital extracts are national, one file per quarter of discharge; their quarters run ahead of
 # and behind the CLD collection's (follow-up windows need earlier and later spells), so they have
 # their own dynamic definition rather than adding empty CLD quarters.

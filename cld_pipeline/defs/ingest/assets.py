@@ -16,7 +16,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from cld_pipeline import settings
-from cld_pipeline.defs.partitions import submission_partitions
+from cld_pipeline.defs.partitions import run_partitions, submission_partitions
 from cld_pipeline.defs.resources import PseudonymisationKey
 from cld_pipeline.lib import raw_store, retention, rights
 from cld_pipeline.lib.pseudonymise import KeyError_
@@ -100,20 +100,62 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
                           description="raw.events holds exactly the records read from the file, numbered 1..n "
                                       "(less the rows of people on the rights register's suppression list)."),
     ],
+    # A quarter's backfill re-lands every council's archived file in one run (see validated_submission).
+    backfill_policy=dg.BackfillPolicy.single_run(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
 def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource,
                    pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
-    keys = context.partition_key.keys_by_dimension
-    la_code, quarter = keys["la"], keys["quarter"]
-    data = settings.data_dir()
-    landing = settings.landing_dir()
     try:
         retention.assert_processing_allowed()
     except retention.AgreementEnded as err:
         raise dg.Failure(description=str(err), allow_retries=False) from None
+    partitions = run_partitions(context)
+    if config.file_name and len(partitions) != 1:
+        raise dg.Failure(description=f"{config.file_name} belongs to one partition; this run covers {len(partitions)}. "
+                                     "A run over many partitions rebuilds each from its archived submission.",
+                         allow_retries=False)
+    outcomes = [_land(context, config, identifiable_db, pseudonymisation_key, la, quarter) for la, quarter in partitions]
+    if outcomes[0].get("duplicate_of"):   # only an arriving file can be a duplicate
+        # No materialisation, so downstream partitions are untouched; the checks still report.
+        yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
+                                  passed=outcomes[0]["archive_intact"],
+                                  metadata={"duplicate_of": outcomes[0]["duplicate_of"]})
+        yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS, passed=True,
+                                  metadata={"duplicate_of": outcomes[0]["duplicate_of"], "rows_landed": 0})
+        return
+    seconds = round(time.perf_counter() - started, 2)
+    read, landed, suppressed = (sum(o[k] for o in outcomes) for k in ("records_read", "rows_landed", "suppressed"))
+    if len(outcomes) == 1:
+        common = {k: outcomes[0][k] for k in ("file", "sha256", "submission_id", "status", "reporting_period")}
+    else:   # one run for many partitions: the same metadata lands on each, so it describes the batch
+        common = {"submissions": len(outcomes)}
+    common["seconds"] = seconds
+    yield dg.MaterializeResult(asset_key=RAW_SUBMISSIONS, metadata={
+        **common, "dagster/row_count": len(outcomes), "dagster/column_schema": outcomes[-1]["ledger_schema"],
+        "dagster/table_name": "identifiable.raw.submissions"})
+    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={
+        **common, "dagster/row_count": landed, "rows_per_second": round(read / max(seconds, 1e-3)),
+        "rows_suppressed_by_rights_register": suppressed,
+        "unrecognised_columns": sum(o["unknown_columns"] for o in outcomes),
+        "dagster/column_schema": outcomes[-1]["events_schema"], "dagster/table_name": "identifiable.raw.events"})
+    intact = [o for o in outcomes if not o["archive_intact"]]
+    yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS, passed=not intact,
+                              metadata={"archives_checked": len(outcomes),
+                                        "archives_altered": ", ".join(o["archive"] for o in intact) or "none"})
+    complete = all(o["complete"] for o in outcomes)
+    yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS, passed=complete,
+                              metadata={"records_read": read, "rows_landed": landed,
+                                        "rows_suppressed_by_rights_register": suppressed})
 
+
+def _land(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource,
+          pseudonymisation_key: PseudonymisationKey, la_code: str, quarter: str) -> dict:
+    """Land one partition: the arriving file named by `config`, or else the archived copy of the
+    partition's current accepted submission. Returns what the checks and metadata need."""
+    data = settings.data_dir()
+    landing = settings.landing_dir()
     if config.file_name:
         try:
             path = check_name(landing, config.file_name)
@@ -164,12 +206,7 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
             path.unlink()
         context.log.info(f"{name} is a copy of submission {earlier} (same SHA-256): recorded as a duplicate, "
                          "nothing else changes.")
-        # No materialisation, so downstream partitions are untouched; the checks still report.
-        yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
-                                  passed=sha256_of(archived) == facts.sha256, metadata={"duplicate_of": earlier})
-        yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS, passed=True,
-                                  metadata={"duplicate_of": earlier, "rows_landed": 0})
-        return
+        return {"duplicate_of": earlier, "archive_intact": sha256_of(archived) == facts.sha256}
 
     ring = None
     if suppression_list:   # people who erased or objected are kept out: matching needs the key
@@ -189,29 +226,17 @@ def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, id
                                           "WHERE submission_id = ?", [receipt.submission_id]).fetchall()[0]
     if path is not None and path.exists():
         path.unlink()  # landed: the archive holds the original
-    seconds = round(time.perf_counter() - started, 2)
-    common = {
+    return {
         "file": name, "sha256": facts.sha256, "submission_id": receipt.submission_id,
         "status": raw_store.ACCEPTED if current == receipt.submission_id else raw_store.SUPERSEDED,
         "reporting_period": f"{facts.reporting_period_start} to {facts.reporting_period_end}",
-        "seconds": seconds,
+        "records_read": records.num_rows, "rows_landed": landed, "suppressed": suppressed,
+        "unknown_columns": len(facts.unknown_columns), "ledger_schema": ledger_schema, "events_schema": events_schema,
+        "archive": f"archive/{facts.sha256}",
+        "archive_intact": sha256_of(data / "archive" / facts.sha256) == facts.sha256,
+        "complete": landed + suppressed == records.num_rows and (suppressed > 0 or landed == 0 or
+                                                                (first, last) == (1, landed)),
     }
-    yield dg.MaterializeResult(asset_key=RAW_SUBMISSIONS, metadata={
-        **common, "dagster/row_count": 1, "dagster/column_schema": ledger_schema,
-        "dagster/table_name": "identifiable.raw.submissions"})
-    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={
-        **common, "dagster/row_count": landed, "rows_per_second": round(records.num_rows / max(seconds, 1e-3)),
-        "rows_suppressed_by_rights_register": suppressed,
-        "unrecognised_columns": len(facts.unknown_columns), "dagster/column_schema": events_schema,
-        "dagster/table_name": "identifiable.raw.events"})
-    yield dg.AssetCheckResult(check_name="archive_intact", asset_key=RAW_SUBMISSIONS,
-                              passed=sha256_of(data / "archive" / facts.sha256) == facts.sha256,
-                              metadata={"archive": f"archive/{facts.sha256}"})
-    yield dg.AssetCheckResult(check_name="every_record_landed", asset_key=RAW_EVENTS,
-                              passed=landed + suppressed == records.num_rows and (suppressed > 0 or landed == 0 or
-                                                                                 (first, last) == (1, landed)),
-                              metadata={"records_read": records.num_rows, "rows_landed": landed,
-                                        "rows_suppressed_by_rights_register": suppressed})
 
 
 class RefusedFile(dg.Config):

@@ -13,12 +13,13 @@ import time
 
 import dagster as dg
 import duckdb
+import pyarrow as pa
 
 from cld_pipeline import settings
-from cld_pipeline.defs.partitions import SUBMISSION_WINDOW, submission_partitions
+from cld_pipeline.defs.partitions import SUBMISSION_WINDOW, run_partitions, submission_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
-from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
-from cld_pipeline.lib import raw_store, rights
+from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS, current_submissions
+from cld_pipeline.lib import rights
 from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
 from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
 from cld_pipeline.spec import load_spec
@@ -36,7 +37,8 @@ def _band_sql(age: str, bands, unknown: str) -> str:
 
 
 def pseudonymise_sql(source: str) -> str:
-    """SELECT over validated rows (`v`) and the submission (`s`: la_code, quarter, period_end)."""
+    """SELECT over validated rows (`v`) and their submissions (`s`: submission_id, la_code, quarter,
+    period_end)."""
     spec = load_spec()
     derived = spec.derived
     birth = "make_date(year(v.date_of_birth), month(v.date_of_birth), 1)"   # DHSC: born on the 1st
@@ -44,7 +46,7 @@ def pseudonymise_sql(source: str) -> str:
     def age_at(day: str) -> str:
         return f"CAST(floor(date_diff('day', {birth}, {day}) / 365.25) AS INTEGER)"
 
-    select = ["v.submission_id", "v.row_number", "s.la_code", "s.quarter",
+    select = ["submission_id", "v.row_number", "s.la_code", "s.quarter",
               person_token_sql("v.nhs_number", "s.la_code", "v.la_person_unique_identifier") + " AS person_id",
               "CASE WHEN v.nhs_number IS NOT NULL THEN 'nhs' WHEN v.la_person_unique_identifier IS NOT NULL "
               "THEN 'la' END AS person_id_source",
@@ -81,9 +83,9 @@ def pseudonymise_sql(source: str) -> str:
         elif f.name == "Event_Description":
             select.append("coalesce(v.event_description ILIKE '%conversation%', false) AS der_conversation")
         # everything else of class remove / pseudonymise (NHS number, LA person id) is not selected
-    inner = f"SELECT {', '.join(select)} FROM {source} v CROSS JOIN submission s"
+    inner = f"SELECT {', '.join(select)} FROM {source} v JOIN submission s USING (submission_id)"
     return (f"SELECT * EXCLUDE (postcode_district_raw), nullif(postcode_district_raw, '') AS postcode_district "
-            f"FROM ({inner}) ORDER BY row_number")
+            f"FROM ({inner}) ORDER BY submission_id, row_number")
 
 
 @dg.asset(
@@ -105,14 +107,14 @@ def pseudonymise_sql(source: str) -> str:
                           description=f"People in groups smaller than {SMALL_GROUP} over age band, sex, ethnicity, "
                                       f"area and LA stay under {MAX_SMALL_GROUP_SHARE:.0%} (a warning)."),
     ],
+    backfill_policy=dg.BackfillPolicy.single_run(),   # a quarter's backfill in one set-based run
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     freshness_policy=SUBMISSION_WINDOW,
 )
 def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
                          analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
-    keys = context.partition_key.keys_by_dimension
-    la_code, quarter = keys["la"], keys["quarter"]
+    partitions = run_partitions(context)
     try:
         ring = pseudonymisation_key.load_ring()
     except KeyError_ as err:
@@ -124,10 +126,21 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
     scratch = settings.new_scratch("pseudonymise-")
     try:
         with identifiable_db.get_connection() as con:
-            current = raw_store.current_submission(con, la_code, quarter)
-            if current is None:
-                raise dg.Failure(description=f"No accepted submission for LA {la_code} in {quarter}.",
-                                 allow_retries=False)
+            currents = current_submissions(con, partitions)
+            # In a batch, a submission the validated layer judged unusable is left out here (one file
+            # alone is stopped by the blocking check before this step runs).
+            con.execute("ALTER TABLE validated.submissions ADD COLUMN IF NOT EXISTS usable BOOLEAN DEFAULT true")
+            unusable = {r[0] for r in con.execute(
+                "SELECT submission_id FROM validated.submissions WHERE NOT usable AND submission_id IN "
+                "(SELECT unnest($ids))", {"ids": [c["submission_id"] for c in currents.values()]}).fetchall()}
+            if len(currents) > 1:
+                currents = {p: c for p, c in currents.items() if c["submission_id"] not in unusable}
+            skipped = sorted(p[0] for p in partitions if p not in currents)
+            batch = pa.Table.from_pylist([{"submission_id": c["submission_id"], "la_code": p[0], "quarter": p[1],
+                                           "period_end": c["reporting_period_end"]} for p, c in currents.items()],
+                                         schema=pa.schema([("submission_id", pa.string()), ("la_code", pa.string()),
+                                                           ("quarter", pa.string()), ("period_end", pa.date32())]))
+            con.register("batch_submissions", batch)
             # Rows of people under restriction stay in the processor zone, and so do links to people
             # under restriction, erasure or objection from other people's rows.
             try:
@@ -135,24 +148,25 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             except rights.RightsError as err:
                 raise dg.Failure(description=str(err), allow_retries=False) from None
             rights.ensure_restriction_column(con, "validated.events")
-            con.execute(f"COPY (SELECT v.*{links} FROM validated.events v WHERE submission_id = $submission_id "
-                        f"AND NOT processing_restricted ORDER BY row_number) "
-                        f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)",
-                        {**params, "submission_id": current["submission_id"]})
-            restricted = con.execute("SELECT count(*) FROM validated.events WHERE submission_id = ? AND "
-                                     "processing_restricted", [current["submission_id"]]).fetchall()[0][0]
-            # The submission's non-identifying facts, for DHSC's submission selection in the analysts' zone.
+            ids = "(SELECT submission_id FROM batch_submissions)"
+            con.execute(f"COPY (SELECT v.*{links} FROM validated.events v WHERE submission_id IN {ids} "
+                        f"AND NOT processing_restricted ORDER BY submission_id, row_number) "
+                        f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)", params)
+            restricted = con.execute(f"SELECT count(*) FROM validated.events WHERE submission_id IN {ids} AND "
+                                     "processing_restricted").fetchall()[0][0]
+            # The submissions' non-identifying facts, for DHSC's submission selection in the analysts' zone.
             con.execute(f"""COPY (SELECT s.submission_id, s.la_code, s.quarter, s.received_at, s.reporting_period_start,
                                         s.reporting_period_end, v.derived_period_start, v.derived_period_end,
                                         s.status, v.accepted_rows
                                  FROM raw.submissions s JOIN validated.submissions v USING (submission_id)
-                                 WHERE s.submission_id = ?) TO '{scratch / 'ledger.parquet'}' (FORMAT parquet)""",
-                        [current["submission_id"]])
+                                 WHERE s.submission_id IN {ids}) TO '{scratch / 'ledger.parquet'}' (FORMAT parquet)""")
+            con.unregister("batch_submissions")
         ipad, opad = key.pads
         work = duckdb.connect()
         work.execute("SET threads = 2")
-        work.execute("CREATE TABLE submission AS SELECT ? AS la_code, ? AS quarter, ?::DATE AS period_end",
-                     [la_code, quarter, current["reporting_period_end"]])
+        work.execute(f"SET temp_directory = '{scratch / 'spill'}'")
+        work.register("batch_submissions", batch)
+        work.execute("CREATE TABLE submission AS SELECT * FROM batch_submissions")
         out = scratch / "pseudonymised.parquet"
         validated = f"read_parquet('{scratch / 'validated.parquet'}')"
         work.execute(f"COPY ({pseudonymise_sql(validated)}) TO '{out}' (FORMAT parquet)",
@@ -173,18 +187,20 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
             con.execute(f"CREATE TABLE IF NOT EXISTS pseudonymised.events AS SELECT * FROM read_parquet('{out}') LIMIT 0")
             con.execute("CREATE TABLE IF NOT EXISTS pseudonymised.events_history AS SELECT * FROM pseudonymised.events LIMIT 0")
+            con.register("batch_submissions", batch)
+            slices = "la_code || '|' || quarter IN (SELECT la_code || '|' || quarter FROM batch_submissions)"
+            current_ids = "(SELECT submission_id FROM batch_submissions)"
             with transaction(con):
-                con.execute("""INSERT INTO pseudonymised.events_history BY NAME SELECT * FROM pseudonymised.events
-                               WHERE la_code = ? AND quarter = ? AND submission_id <> ? AND submission_id NOT IN
-                                     (SELECT DISTINCT submission_id FROM pseudonymised.events_history)""",
-                            [la_code, quarter, current["submission_id"]])
-                con.execute("DELETE FROM pseudonymised.events_history WHERE submission_id = ?", [current["submission_id"]])
-            replace_slice(con, "pseudonymised.events", f"read_parquet('{out}')", "la_code = ? AND quarter = ?",
-                          [la_code, quarter])
+                con.execute(f"""INSERT INTO pseudonymised.events_history BY NAME SELECT * FROM pseudonymised.events
+                               WHERE {slices} AND submission_id NOT IN {current_ids} AND submission_id NOT IN
+                                     (SELECT DISTINCT submission_id FROM pseudonymised.events_history)""")
+                con.execute(f"DELETE FROM pseudonymised.events_history WHERE submission_id IN {current_ids}")
+            replace_slice(con, "pseudonymised.events", f"read_parquet('{out}')", slices, [])
             replace_slice(con, "pseudonymised.submissions", f"read_parquet('{scratch / 'ledger.parquet'}')",
-                          "submission_id = ?", [current["submission_id"]])
-            con.execute("UPDATE pseudonymised.submissions SET status = 'superseded' WHERE la_code = ? AND quarter = ? "
-                        "AND submission_id <> ?", [la_code, quarter, current["submission_id"]])
+                          f"submission_id IN {current_ids}", [])
+            con.execute(f"UPDATE pseudonymised.submissions SET status = 'superseded' WHERE {slices} "
+                        f"AND submission_id NOT IN {current_ids}")
+            con.unregister("batch_submissions")
             schema = table_schema(con, "pseudonymised", "events")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -195,7 +211,8 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
     seconds = round(time.perf_counter() - started, 2)
     yield dg.MaterializeResult(metadata={
         "dagster/row_count": rows, "people": people, "key_version": key.version,
-        "rows_withheld_by_restriction": restricted,
+        "rows_withheld_by_restriction": restricted, "submissions": len(currents),
+        "las_left_out_as_unusable": ", ".join(skipped) or "none",
         "development_key": key.development, "seconds": seconds,
         "rows_per_second": round(rows / max(seconds, 1e-3)),
         "people_in_groups_smaller_than_5": int(in_small), "quasi_identifier_groups": groups,

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cld_pipeline.lib.validation.prepare import mapping_table, prepare_sql
+from cld_pipeline.lib.validation.prepare import ROW_KEY_BASE, mapping_table, prepare_sql
 from cld_pipeline.lib.validation.rules import FATAL, row_rules
 from cld_pipeline.spec import load_spec
 
@@ -49,6 +49,7 @@ class ValidationResult:
     rule_counts: dict[str, int] = field(default_factory=dict)       # "rule|field" -> rows
     expectations: list[dict] = field(default_factory=list)          # counts only, never values
     schema_failures: int = 0
+    flagged_rows: int = 0
 
 
 def validated_columns() -> list[str]:
@@ -83,59 +84,95 @@ def _connect(work: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+@dataclass
+class BatchValidation:
+    """The results of a batch of submissions: one Parquet file per table for all of them (sorted by
+    submission and row), and each submission's own counts in `results`."""
+
+    results: dict[str, ValidationResult]
+    rejections: Path
+    dq_flags: Path
+    events: Path
+    prepared: Path
+    schema_failures: int
+    seconds: dict[str, float]
+
+
 def validate_submission(raw_rows: Path, ctx: SubmissionContext, work: Path,
                         expectations: bool = True) -> ValidationResult:
-    """`raw_rows`: Parquet of the submission's raw.events rows. Results are Parquet files in `work`."""
+    """One submission (`raw_rows`: Parquet of its raw.events rows); results are Parquet files in `work`."""
+    batch = validate_submissions(raw_rows, [ctx], work, expectations)
+    result = batch.results[ctx.submission_id]
+    result.seconds = batch.seconds
+    result.schema_failures = batch.schema_failures
+    return result
+
+
+def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work: Path,
+                         expectations: bool = True) -> BatchValidation:
+    """Validate many submissions set-based: `raw_rows` is Parquet of their raw.events rows, sorted by
+    submission and row. Typing and mapping run once in DuckDB over all of them, the pandera row
+    rules over bounded chunks that cross submissions, the output schema likewise; only the
+    great-expectations suite runs per submission, because its thresholds judge one council's file."""
     from cld_pipeline.lib.validation.expectations import run_expectations
     from cld_pipeline.lib.validation.schema import validated_events_schema
 
     work.mkdir(parents=True, exist_ok=True)
+    ids = [c.submission_id for c in contexts]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     con = _connect(work)
     con.register("code_map", mapping_table())
     con.register("submission_file", pa.table({
-        "la_code": [ctx.la_code], "received_date": pa.array([ctx.received_date], pa.date32()),
-        "expected_field_count": pa.array([ctx.expected_field_count], pa.int32())}))
+        "submission_id": ids, "submission_index": pa.array(range(len(ids)), pa.int64()),
+        "la_code": [c.la_code for c in contexts],
+        "received_date": pa.array([c.received_date for c in contexts], pa.date32()),
+        "expected_field_count": pa.array([c.expected_field_count for c in contexts], pa.int32())}))
     prepared = work / "prepared.parquet"
-    con.execute(f"COPY ({prepare_sql(f'read_parquet({str(raw_rows)!r})')}) TO '{prepared}' (FORMAT parquet)")
-    raw_count = con.execute(f"SELECT count(*) FROM read_parquet('{raw_rows}')").fetchall()[0][0]
+    con.execute(f"COPY ({prepare_sql(f'read_parquet({str(raw_rows)!r})')} ORDER BY row_key) "
+                f"TO '{prepared}' (FORMAT parquet)")
+    raw_counts = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{raw_rows}') "
+                                  "GROUP BY ALL").fetchall())
     seconds["prepare_sql"] = time.perf_counter() - t
 
     # Row rules (pandera checks) over bounded chunks.
     t = time.perf_counter()
     rules = row_rules()
     failing: dict[int, list[np.ndarray]] = {i: [] for i in range(len(rules))}
-    reader = pq.ParquetFile(prepared)
-    for batch in reader.iter_batches(batch_size=CHUNK_ROWS):
+    for batch in pq.ParquetFile(prepared).iter_batches(batch_size=CHUNK_ROWS):
         chunk = batch.to_pandas()
-        numbers = chunk["row_number"].to_numpy()
+        keys = chunk["row_key"].to_numpy()
         for i, rule in enumerate(rules):
             passed = rule.check(chunk[list(rule.columns)]).check_output.to_numpy(dtype=bool, na_value=False)
             if not passed.all():
-                failing[i].append(numbers[~passed])
+                failing[i].append(keys[~passed])
     seconds["pandera"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rejected = np.unique(np.concatenate([np.concatenate(failing[i]) for i, r in enumerate(rules)
                                          if r.severity == FATAL and failing[i]] or [np.array([], np.int64)]))
+    id_array = np.array(ids, dtype=object)
     rejections, flags = [], []
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {sid: {} for sid in ids}
+    flagged_keys = []
     for i, rule in enumerate(rules):
         if not failing[i]:
             continue
-        numbers = np.concatenate(failing[i])
+        keys = np.concatenate(failing[i])
         if rule.severity != FATAL:
-            numbers = numbers[~np.isin(numbers, rejected)]   # flags describe rows that are kept
-        if numbers.size == 0:
+            keys = keys[~np.isin(keys, rejected)]   # flags describe rows that are kept
+            flagged_keys.append(keys)
+        if keys.size == 0:
             continue
-        counts[rule.check.name] = int(numbers.size)
+        index, numbers = np.divmod(keys, ROW_KEY_BASE)
+        for position, n in zip(*np.unique(index, return_counts=True)):
+            counts[ids[position]][rule.check.name] = int(n)
         (rejections if rule.severity == FATAL else flags).append(pa.table({
-            "submission_id": pa.array([ctx.submission_id] * numbers.size),
+            "submission_id": pa.array(id_array[index], pa.string()),
             "row_number": pa.array(numbers, pa.int64()),
-            "field": pa.array([rule.field] * numbers.size),
-            "rule": pa.array([rule.rule] * numbers.size),
-            "message": pa.array([rule.message] * numbers.size),
+            "field": pa.array([rule.field] * keys.size),
+            "rule": pa.array([rule.rule] * keys.size),
+            "message": pa.array([rule.message] * keys.size),
         }))
     empty = pa.table({"submission_id": pa.array([], pa.string()), "row_number": pa.array([], pa.int64()),
                       "field": pa.array([], pa.string()), "rule": pa.array([], pa.string()),
@@ -143,32 +180,55 @@ def validate_submission(raw_rows: Path, ctx: SubmissionContext, work: Path,
     paths = {}
     for name, tables in (("rejections", rejections), ("dq_flags", flags)):
         paths[name] = work / f"{name}.parquet"
-        pq.write_table(pa.concat_tables(tables) if tables else empty, paths[name])
-    con.register("rejected_rows", pa.table({"row_number": pa.array(rejected, pa.int64())}))
+        con.register("findings", pa.concat_tables(tables) if tables else empty)
+        con.execute(f"COPY (SELECT * FROM findings ORDER BY submission_id, row_number) TO '{paths[name]}' "
+                    "(FORMAT parquet)")
+        con.unregister("findings")
+    rejected_by = _per_submission(rejected, ids)
+    flagged = np.unique(np.concatenate(flagged_keys)) if flagged_keys else np.array([], np.int64)
+    flagged_by = _per_submission(flagged, ids)
+    con.register("rejected_rows", pa.table({"row_key": pa.array(rejected, pa.int64())}))
     events = work / "events.parquet"
     con.execute(f"""COPY (SELECT {', '.join(validated_columns())} FROM read_parquet('{prepared}')
-                          ANTI JOIN rejected_rows USING (row_number) ORDER BY row_number)
+                          ANTI JOIN rejected_rows USING (row_key) ORDER BY row_key)
                     TO '{events}' (FORMAT parquet)""")
-    accepted = con.execute(f"SELECT count(*) FROM read_parquet('{events}')").fetchall()[0][0]
-    derived = derived_reporting_period(con, raw_rows, ctx.received_date)
+    accepted = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{events}') "
+                                "GROUP BY ALL").fetchall())
+    derived = derived_reporting_periods(con, raw_rows)
     seconds["write_results"] = time.perf_counter() - t
 
-    # Submission-level expectations (great-expectations) and the output schema (pandera).
+    # Submission-level expectations (great-expectations), one council's file at a time.
     t = time.perf_counter()
-    expectations = run_expectations(events, ctx) if expectations else []
+    results: dict[str, ValidationResult] = {}
+    for ctx in contexts:
+        sid = ctx.submission_id
+        rows = pq.read_table(events, filters=[("submission_id", "=", sid)]) if expectations else None
+        results[sid] = ValidationResult(
+            raw_rows=raw_counts.get(sid, 0), accepted_rows=accepted.get(sid, 0), rejected_rows=rejected_by[sid],
+            rejections=paths["rejections"], dq_flags=paths["dq_flags"], events=events,
+            derived_period=derived.get(sid, (None, None)), rule_counts=counts[sid], flagged_rows=flagged_by[sid],
+            expectations=run_expectations(rows, ctx) if expectations else [])
+        del rows
     seconds["great_expectations"] = time.perf_counter() - t
+
+    # The output schema (pandera) over bounded chunks of every accepted row.
     t = time.perf_counter()
-    schema = validated_events_schema(ctx)
+    schema = validated_events_schema()
     schema_failures = 0
     for batch in pq.ParquetFile(events).iter_batches(batch_size=CHUNK_ROWS):
         schema_failures += schema_failure_count(schema, batch.to_pandas())
     seconds["pandera"] += time.perf_counter() - t
     con.close()
-    return ValidationResult(
-        raw_rows=raw_count, accepted_rows=accepted, rejected_rows=int(rejected.size), rejections=paths["rejections"],
-        dq_flags=paths["dq_flags"], events=events, derived_period=derived,
-        seconds={k: round(v, 3) for k, v in seconds.items()}, rule_counts=counts, expectations=expectations,
-        schema_failures=schema_failures)
+    return BatchValidation(results=results, rejections=paths["rejections"], dq_flags=paths["dq_flags"],
+                           events=events, prepared=prepared, schema_failures=schema_failures,
+                           seconds={k: round(v, 3) for k, v in seconds.items()})
+
+
+def _per_submission(keys: np.ndarray, ids: list[str]) -> dict[str, int]:
+    """Distinct rows per submission, from row keys."""
+    counts = np.bincount((keys // ROW_KEY_BASE).astype(np.int64), minlength=len(ids)) if keys.size else \
+        np.zeros(len(ids), np.int64)
+    return {sid: int(counts[i]) for i, sid in enumerate(ids)}
 
 
 def schema_failure_count(schema, frame) -> int:
@@ -183,28 +243,32 @@ def schema_failure_count(schema, frame) -> int:
     return 0
 
 
-def derived_reporting_period(con: duckdb.DuckDBPyConnection, raw_rows: Path,
-                             received: dt.date) -> tuple[dt.date | None, dt.date | None]:
-    """DHSC's derived reporting period (dhsc-method.md 1a): months of event end dates before the import
-    month qualify when they hold at least 2% of the rows and nearly the full mix of event types."""
+def derived_reporting_periods(con: duckdb.DuckDBPyConnection,
+                              raw_rows: Path) -> dict[str, tuple[dt.date | None, dt.date | None]]:
+    """DHSC's derived reporting period (dhsc-method.md 1a) of each submission in `raw_rows` (received
+    dates from `submission_file`): months of event end dates before the import month qualify when
+    they hold at least 2% of the file's rows and nearly the full mix of event types."""
     end = ("COALESCE(TRY_STRPTIME(trim(event_end_date), '%Y-%m-%d'), "
            "TRY_STRPTIME(trim(event_end_date), '%d/%m/%Y'))::DATE")
     # Event types are told by prefix, as in DHSC's newer method (V2): counting raw spellings would let one
     # row with a stray variant ("service ", "SERVICE") raise the bar every other month must meet.
     kind = " ".join(f"WHEN lower(trim(event_type)) LIKE '{t.lower()}%' THEN '{t}'"
                     for t in load_spec().code_list("event_type").value_strings)
-    row = con.execute(f"""
+    rows = con.execute(f"""
         WITH ended AS (
-            SELECT date_trunc('month', {end}) AS month, CASE {kind} END AS event_type
-            FROM read_parquet('{raw_rows}')
-            WHERE {end} < date_trunc('month', ?::DATE)
+            SELECT r.submission_id, date_trunc('month', {end}) AS month, CASE {kind} END AS event_type
+            FROM read_parquet('{raw_rows}') r JOIN submission_file f USING (submission_id)
+            WHERE {end} < date_trunc('month', f.received_date)
         ), months AS (
-            SELECT month, count(*) AS n_month, count(DISTINCT event_type) AS types_month FROM ended GROUP BY month
+            SELECT submission_id, month, count(*) AS n_month, count(DISTINCT event_type) AS types_month
+            FROM ended GROUP BY ALL
         ), totals AS (
-            SELECT sum(n_month) AS n_file, max(types_month) AS types_file FROM months
+            SELECT submission_id, sum(n_month) AS n_file, max(types_month) AS types_file FROM months GROUP BY ALL
         )
-        SELECT min(month), last_day(max(month))
-        FROM months, totals
+        SELECT submission_id, min(month), last_day(max(month))
+        FROM months JOIN totals USING (submission_id)
         WHERE n_file < 100 OR (100.0 * n_month / n_file >= 2 AND types_month >= types_file - 1)
-    """, [received]).fetchall()[0]
-    return (row[0].date() if row[0] is not None and hasattr(row[0], "date") else row[0], row[1])
+        GROUP BY ALL
+    """).fetchall()
+    return {sid: (start.date() if start is not None and hasattr(start, "date") else start, end_)
+            for sid, start, end_ in rows}

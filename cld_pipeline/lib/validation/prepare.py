@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from cld_pipeline.spec import CLDField, load_spec
 
+ROW_KEY_BASE = 1 << 32   # row numbers of one file stay far below 2^32
 CODED_SOURCES = ("release2", "normalised", "release1", "variant", "unmapped", "blank", "null_literal")
 
 
@@ -62,11 +63,14 @@ def nhs_check_sql(digits: str) -> str:
 
 
 def prepare_sql(source: str) -> str:
-    """SELECT over `source` (raw.events rows, aliased r) with `file` (one row: la_code, received_date,
-    period_start, period_end) cross-joined as f and the code mapping as `code_map`."""
+    """SELECT over `source` (raw.events rows of one or many submissions, aliased r) joined to
+    `submission_file` (f: one row per submission: submission_id, submission_index, la_code,
+    received_date, expected_field_count) and the code mapping as `code_map`. `row_key` names a row
+    across the submissions of a batch: submission_index * 2^32 + row_number."""
     spec = load_spec()
     nulls = spec.derived.null_literals
-    select = ["r.submission_id", "r.row_number", "r.field_count", "f.expected_field_count", "f.la_code AS file_la_code",
+    select = ["r.submission_id", "r.row_number", f"f.submission_index * {ROW_KEY_BASE} + r.row_number AS row_key",
+              "r.field_count", "f.expected_field_count", "f.la_code AS file_la_code",
               "f.received_date", "r.extra_values"]
     joins = []
     for field in spec.fields:
@@ -101,7 +105,7 @@ def prepare_sql(source: str) -> str:
     select.append(f"date_diff('year', {_date(_text('date_of_birth', nulls))}, {_date(_text('event_start_date', nulls))}) "
                   "- CASE WHEN strftime(" + _date(_text('event_start_date', nulls)) + ", '%m%d') < strftime("
                   + _date(_text('date_of_birth', nulls)) + ", '%m%d') THEN 1 ELSE 0 END AS age_at_event_start")
-    return f"SELECT {', '.join(select)}\nFROM {source} r CROSS JOIN submission_file f\n" + "\n".join(joins)
+    return f"SELECT {', '.join(select)}\nFROM {source} r JOIN submission_file f ON f.submission_id = r.submission_id\n" + "\n".join(joins)
 
 
 def coded_fields() -> tuple[CLDField, ...]:

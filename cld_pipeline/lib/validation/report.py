@@ -59,46 +59,74 @@ def spreadsheet_safe(value) -> str:
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
+class ReportWriter:
+    """Writes each submission's report from a batch's results in `work` (rejections, dq_flags and
+    prepared Parquet files), loading the findings and the rows' references once for the batch."""
+
+    def __init__(self, work: Path):
+        self.con = duckdb.connect()
+        self.con.execute("SET threads = 2")
+        self.con.execute(f"SET temp_directory = '{work / 'spill'}'")
+        self.con.execute(f"""CREATE TABLE findings AS
+            SELECT submission_id, row_number, field, rule, message, 'reject' AS severity
+            FROM read_parquet('{work / 'rejections.parquet'}')
+            UNION ALL
+            SELECT submission_id, row_number, field, rule, message, 'flag'
+            FROM read_parquet('{work / 'dq_flags.parquet'}')""")
+        self.con.execute(f"""CREATE TABLE submitted_rows AS SELECT submission_id, row_number, event_reference,
+            coalesce(event_type_cleaned, '(blank)') AS event_type FROM read_parquet('{work / 'prepared.parquet'}')""")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def write(self, folder: Path, info: dict) -> tuple[Path, Path]:
+        """`info`: the submission's facts and counts (its `submission_id` selects its findings)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        con, sid = self.con, {"sid": info["submission_id"]}
+        findings = "SELECT * FROM findings WHERE submission_id = $sid"
+        summary = con.execute(f"""
+            SELECT field, rule, severity, any_value(message) AS message, count(*) AS rows
+            FROM ({findings}) GROUP BY field, rule, severity
+            ORDER BY CASE WHEN severity = 'reject' THEN 0 ELSE 1 END, rows DESC, field""", sid).fetchall()
+        event_types = con.execute(f"""
+            WITH f AS ({findings}),
+            r AS (SELECT row_number, event_type FROM submitted_rows WHERE submission_id = $sid)
+            SELECT event_type, count(*),
+                   count(*) FILTER (WHERE row_number IN (SELECT row_number FROM f WHERE severity = 'reject')),
+                   count(*) FILTER (WHERE row_number IN (SELECT row_number FROM f WHERE severity = 'flag'))
+            FROM r GROUP BY 1 ORDER BY 2 DESC""", sid).fetchall()
+        rows_query = f"""
+            SELECT f.row_number, p.event_reference, f.field, f.rule, f.severity, f.message
+            FROM ({findings}) f JOIN submitted_rows p USING (submission_id, row_number)
+            ORDER BY f.row_number, f.severity DESC, f.field"""
+        name = f"data_quality_{info['la_code']}_{info['quarter']}_{info['submission_id']}"
+        csv_path, html_path = folder / f"{name}.csv", folder / f"{name}.html"
+        with csv_path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["row_number", "event_reference", "field", "rule", "outcome", "message"])
+            cursor = con.execute(rows_query, sid)
+            while batch := cursor.fetchmany(10_000):
+                writer.writerows([r[0], spreadsheet_safe(r[1]), r[2], r[3],
+                                  "rejected" if r[4] == "reject" else "flagged", spreadsheet_safe(r[5])]
+                                 for r in batch)
+        listed = con.execute(rows_query + f" LIMIT {HTML_ROW_LIMIT}", sid).fetchall()
+        total = con.execute(f"SELECT count(*) FROM ({findings})", sid).fetchall()[0][0]
+        html_path.write_text(TEMPLATE.render(
+            **info,
+            summary=[dict(field=s[0], rule=s[1], severity=s[2], message=s[3], rows=s[4]) for s in summary],
+            event_types=[dict(event_type=e[0], submitted=e[1], rejected=e[2], flagged=e[3]) for e in event_types],
+            rows=[dict(row_number=r[0], event_reference=r[1], field=r[2], rule=r[3], severity=r[4]) for r in listed],
+            truncated=max(0, total - HTML_ROW_LIMIT)), encoding="utf-8")
+        return html_path, csv_path
+
+
 def write_report(folder: Path, info: dict, work: Path) -> tuple[Path, Path]:
-    """`info`: submission facts and counts. Reads the rule results and the prepared rows from `work`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    findings = f"""
-        SELECT row_number, field, rule, message, 'reject' AS severity FROM read_parquet('{work / 'rejections.parquet'}')
-        UNION ALL
-        SELECT row_number, field, rule, message, 'flag' FROM read_parquet('{work / 'dq_flags.parquet'}')"""
-    summary = con.execute(f"""
-        SELECT field, rule, severity, any_value(message) AS message, count(*) AS rows
-        FROM ({findings}) GROUP BY field, rule, severity
-        ORDER BY CASE WHEN severity = 'reject' THEN 0 ELSE 1 END, rows DESC, field""").fetchall()
-    event_types = con.execute(f"""
-        WITH f AS ({findings}),
-        r AS (SELECT row_number, coalesce(event_type_cleaned, '(blank)') AS event_type
-              FROM read_parquet('{work / 'prepared.parquet'}'))
-        SELECT event_type, count(*),
-               count(*) FILTER (WHERE row_number IN (SELECT row_number FROM f WHERE severity = 'reject')),
-               count(*) FILTER (WHERE row_number IN (SELECT row_number FROM f WHERE severity = 'flag'))
-        FROM r GROUP BY 1 ORDER BY 2 DESC""").fetchall()
-    rows_query = f"""
-        SELECT f.row_number, p.event_reference, f.field, f.rule, f.severity, f.message
-        FROM ({findings}) f JOIN read_parquet('{work / 'prepared.parquet'}') p USING (row_number)
-        ORDER BY f.row_number, f.severity DESC, f.field"""
-    name = f"data_quality_{info['la_code']}_{info['quarter']}_{info['submission_id']}"
-    csv_path, html_path = folder / f"{name}.csv", folder / f"{name}.html"
-    with csv_path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row_number", "event_reference", "field", "rule", "outcome", "message"])
-        cursor = con.execute(rows_query)
-        while batch := cursor.fetchmany(10_000):
-            writer.writerows([r[0], spreadsheet_safe(r[1]), r[2], r[3],
-                              "rejected" if r[4] == "reject" else "flagged", spreadsheet_safe(r[5])] for r in batch)
-    listed = con.execute(rows_query + f" LIMIT {HTML_ROW_LIMIT}").fetchall()
-    total = con.execute(f"SELECT count(*) FROM ({findings})").fetchall()[0][0]
-    con.close()
-    html_path.write_text(TEMPLATE.render(
-        **info,
-        summary=[dict(field=s[0], rule=s[1], severity=s[2], message=s[3], rows=s[4]) for s in summary],
-        event_types=[dict(event_type=e[0], submitted=e[1], rejected=e[2], flagged=e[3]) for e in event_types],
-        rows=[dict(row_number=r[0], event_reference=r[1], field=r[2], rule=r[3], severity=r[4]) for r in listed],
-        truncated=max(0, total - HTML_ROW_LIMIT)), encoding="utf-8")
-    return html_path, csv_path
+    """One submission's report from the results in `work`."""
+    with ReportWriter(work) as writer:
+        return writer.write(folder, info)

@@ -14,12 +14,12 @@ import pandera.pandas as pa
 from cld_pipeline.spec import load_spec
 
 
-def validated_events_schema(ctx) -> pa.DataFrameSchema:
+def validated_events_schema() -> pa.DataFrameSchema:
     spec = load_spec()
     invalid = spec.derived.invalid_value
     columns: dict[str, pa.Column] = {
         "submission_id": pa.Column(str, nullable=False),
-        "row_number": pa.Column(int, pa.Check.ge(1), nullable=False, unique=True),
+        "row_number": pa.Column(int, pa.Check.ge(1), nullable=False),
         "nhs_number": pa.Column(str, pa.Check.str_matches(r"^[0-9]{10}$"), nullable=True),
         "event_start_date": pa.Column(nullable=False),
     }
@@ -45,6 +45,7 @@ def validated_events_schema(ctx) -> pa.DataFrameSchema:
                      name="usable_identifier"),
             pa.Check(lambda d: d["la_code"].str.upper() == d["la_code_of_file"].str.upper(), name="file_la_code"),
         ],
+        unique=["submission_id", "row_number"],   # a batch holds many submissions
         strict=False,
         name="validated.events",
     )
