@@ -53,8 +53,11 @@ def main(landing: Path, work: Path) -> dict:
 
     t = time.perf_counter()
     con.register("code_map", mapping_table())
-    con.register("submission_file", pa.table({"la_code": ["000"], "received_date": pa.array([None], pa.date32()),
-                                               "expected_field_count": pa.array([0], pa.int32())}))
+    n = len(selects)
+    con.register("submission_file", pa.table({
+        "submission_id": pa.array(range(n), pa.int32()), "submission_index": pa.array(range(n), pa.int64()),
+        "la_code": ["000"] * n, "received_date": pa.array([None] * n, pa.date32()),
+        "expected_field_count": pa.array([0] * n, pa.int32())}))
     con.execute(f"CREATE TABLE prepared AS {prepare_sql('raw_events')}")
     cleaned = ", ".join(f"{f.column}_cleaned" for f in spec.fields if f.type == "coded")
     fatal = ("(nhs_number__valid OR la_person_unique_identifier IS NOT NULL) AND event_start_date__date IS NOT NULL "

@@ -86,18 +86,20 @@ def test_per_partition_runs_and_a_range_backfill_reproduce_the_batch(batched):
                                             partition_key=str(submission_partition_key(la, quarter)))
             assert result.success, (la, quarter)
         assert fingerprints(batched) == before
-        # A backfill of each quarter's councils, raw layer included, as ranges of partitions.
-        for quarter in sorted({q for _, q in _partitions(batched)}):
-            las = {la for la, q in _partitions(batched) if q == quarter}
-            for block in la_blocks(las):
-                result = job.execute_in_process(
-                    instance=instance, asset_selection=RAW_ASSETS + BATCH_ASSETS, raise_on_error=False,
-                    tags={RANGE_START: str(submission_partition_key(block[0], quarter)),
-                          RANGE_END: str(submission_partition_key(block[-1], quarter))})
-                assert result.success, (quarter, block)
-                partitions = {e.partition for e in result.get_asset_materialization_events()
-                              if e.asset_key.path == ["validated", "events"]}
-                assert partitions == {str(submission_partition_key(la, quarter)) for la in block}
+        # A backfill of each quarter's councils, raw layer included, as ranges of partitions; the
+        # pandas-bound validation steps in worker processes.
+        with environment(CLD_VALIDATION_WORKERS="2"):
+            for quarter in sorted({q for _, q in _partitions(batched)}):
+                las = {la for la, q in _partitions(batched) if q == quarter}
+                for block in la_blocks(las):
+                    result = job.execute_in_process(
+                        instance=instance, asset_selection=RAW_ASSETS + BATCH_ASSETS, raise_on_error=False,
+                        tags={RANGE_START: str(submission_partition_key(block[0], quarter)),
+                              RANGE_END: str(submission_partition_key(block[-1], quarter))})
+                    assert result.success, (quarter, block)
+                    partitions = {e.partition for e in result.get_asset_materialization_events()
+                                  if e.asset_key.path == ["validated", "events"]}
+                    assert partitions == {str(submission_partition_key(la, quarter)) for la in block}
         instance.dispose()
     assert fingerprints(batched) == before
 

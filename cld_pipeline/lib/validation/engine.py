@@ -9,6 +9,7 @@ the chunk size, not by the size of the file.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +115,6 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
     submission and row. Typing and mapping run once in DuckDB over all of them, the pandera row
     rules over bounded chunks that cross submissions, the output schema likewise; only the
     great-expectations suite runs per submission, because its thresholds judge one council's file."""
-    from cld_pipeline.lib.validation.expectations import run_expectations
-    from cld_pipeline.lib.validation.schema import validated_events_schema
-
     work.mkdir(parents=True, exist_ok=True)
     ids = [c.submission_id for c in contexts]
     seconds: dict[str, float] = {}
@@ -135,93 +133,149 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
                                   "GROUP BY ALL").fetchall())
     seconds["prepare_sql"] = time.perf_counter() - t
 
-    # Row rules (pandera checks) over bounded chunks.
+    # Row rules (pandera checks) over bounded chunks (Parquet row groups), in parallel when worth it.
     t = time.perf_counter()
     rules = row_rules()
-    failing: dict[int, list[np.ndarray]] = {i: [] for i in range(len(rules))}
-    for batch in pq.ParquetFile(prepared).iter_batches(batch_size=CHUNK_ROWS):
+    groups = pq.ParquetFile(prepared).metadata.num_row_groups
+    pool = _pool(groups, len(contexts))
+    try:
+        failing: dict[int, list[np.ndarray]] = {i: [] for i in range(len(rules))}
+        for part in _map(pool, _rule_failures, [(prepared, g) for g in range(groups)]):
+            for i, keys in part.items():
+                failing[i].append(keys)
+        seconds["pandera"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rejected = np.unique(np.concatenate([np.concatenate(failing[i]) for i, r in enumerate(rules)
+                                             if r.severity == FATAL and failing[i]] or [np.array([], np.int64)]))
+        id_array = np.array(ids, dtype=object)
+        rejections, flags = [], []
+        counts: dict[str, dict[str, int]] = {sid: {} for sid in ids}
+        flagged_keys = []
+        for i, rule in enumerate(rules):
+            if not failing[i]:
+                continue
+            keys = np.concatenate(failing[i])
+            if rule.severity != FATAL:
+                keys = keys[~np.isin(keys, rejected)]   # flags describe rows that are kept
+                flagged_keys.append(keys)
+            if keys.size == 0:
+                continue
+            index, numbers = np.divmod(keys, ROW_KEY_BASE)
+            for position, n in zip(*np.unique(index, return_counts=True)):
+                counts[ids[position]][rule.check.name] = int(n)
+            (rejections if rule.severity == FATAL else flags).append(pa.table({
+                "submission_id": pa.array(id_array[index], pa.string()),
+                "row_number": pa.array(numbers, pa.int64()),
+                "field": pa.array([rule.field] * keys.size),
+                "rule": pa.array([rule.rule] * keys.size),
+                "message": pa.array([rule.message] * keys.size),
+            }))
+        empty = pa.table({"submission_id": pa.array([], pa.string()), "row_number": pa.array([], pa.int64()),
+                          "field": pa.array([], pa.string()), "rule": pa.array([], pa.string()),
+                          "message": pa.array([], pa.string())})
+        paths = {}
+        for name, tables in (("rejections", rejections), ("dq_flags", flags)):
+            paths[name] = work / f"{name}.parquet"
+            con.register("findings", pa.concat_tables(tables) if tables else empty)
+            con.execute(f"COPY (SELECT * FROM findings ORDER BY submission_id, row_number) TO '{paths[name]}' "
+                        "(FORMAT parquet)")
+            con.unregister("findings")
+        rejected_by = _per_submission(rejected, ids)
+        flagged = np.unique(np.concatenate(flagged_keys)) if flagged_keys else np.array([], np.int64)
+        flagged_by = _per_submission(flagged, ids)
+        con.register("rejected_rows", pa.table({"row_key": pa.array(rejected, pa.int64())}))
+        events = work / "events.parquet"
+        con.execute(f"""COPY (SELECT {', '.join(validated_columns())} FROM read_parquet('{prepared}')
+                              ANTI JOIN rejected_rows USING (row_key) ORDER BY row_key)
+                        TO '{events}' (FORMAT parquet)""")
+        accepted = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{events}') "
+                                    "GROUP BY ALL").fetchall())
+        derived = derived_reporting_periods(con, raw_rows)
+        seconds["write_results"] = time.perf_counter() - t
+
+        # Submission-level expectations (great-expectations), one council's file at a time.
+        t = time.perf_counter()
+        suites = _map(pool, _expectations_for, [(events, ctx) for ctx in contexts]) if expectations else \
+            [[] for _ in contexts]
+        results: dict[str, ValidationResult] = {}
+        for ctx, outcome in zip(contexts, suites):
+            sid = ctx.submission_id
+            results[sid] = ValidationResult(
+                raw_rows=raw_counts.get(sid, 0), accepted_rows=accepted.get(sid, 0), rejected_rows=rejected_by[sid],
+                rejections=paths["rejections"], dq_flags=paths["dq_flags"], events=events,
+                derived_period=derived.get(sid, (None, None)), rule_counts=counts[sid], flagged_rows=flagged_by[sid],
+                expectations=outcome)
+        seconds["great_expectations"] = time.perf_counter() - t
+
+        # The output schema (pandera) over bounded chunks of every accepted row.
+        t = time.perf_counter()
+        schema_groups = pq.ParquetFile(events).metadata.num_row_groups
+        schema_failures = sum(_map(pool, _schema_failures, [(events, g) for g in range(schema_groups)]))
+        seconds["pandera"] += time.perf_counter() - t
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    con.close()
+    return BatchValidation(results=results, rejections=paths["rejections"], dq_flags=paths["dq_flags"],
+                           events=events, prepared=prepared, schema_failures=schema_failures,
+                           seconds={k: round(v, 3) for k, v in seconds.items()})
+
+
+def validation_workers() -> int:
+    """Processes for the pandas-bound steps (`CLD_VALIDATION_WORKERS`, default: one per core, at most 4)."""
+    return max(1, int(os.environ.get("CLD_VALIDATION_WORKERS", min(os.cpu_count() or 1, 4))))
+
+
+def _pool(row_groups: int, submissions: int):
+    """A pool of worker processes when there is enough work to repay starting them (a few seconds
+    each, importing pandas, pandera and great-expectations); else None and the work runs here."""
+    workers = validation_workers()
+    enough = row_groups >= 4 or submissions >= 8
+    if "CLD_VALIDATION_WORKERS" in os.environ:   # set explicitly (tests, tuning): any parallel work
+        enough = row_groups > 1 or submissions > 1
+    if workers < 2 or not enough:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: this process holds DuckDB and Dagster threads.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _map(pool, fn, tasks: list) -> list:
+    return list(pool.map(fn, tasks)) if pool is not None else [fn(task) for task in tasks]
+
+
+def _rule_failures(task: tuple[Path, int]) -> dict[int, np.ndarray]:
+    """Row keys failing each row rule in one row group of the prepared rows."""
+    prepared, group = task
+    rules = row_rules()
+    out: dict[int, list[np.ndarray]] = {}
+    for batch in pq.ParquetFile(prepared).iter_batches(batch_size=CHUNK_ROWS, row_groups=[group]):
         chunk = batch.to_pandas()
         keys = chunk["row_key"].to_numpy()
         for i, rule in enumerate(rules):
             passed = rule.check(chunk[list(rule.columns)]).check_output.to_numpy(dtype=bool, na_value=False)
             if not passed.all():
-                failing[i].append(keys[~passed])
-    seconds["pandera"] = time.perf_counter() - t
+                out.setdefault(i, []).append(keys[~passed])
+    return {i: np.concatenate(parts) for i, parts in out.items()}
 
-    t = time.perf_counter()
-    rejected = np.unique(np.concatenate([np.concatenate(failing[i]) for i, r in enumerate(rules)
-                                         if r.severity == FATAL and failing[i]] or [np.array([], np.int64)]))
-    id_array = np.array(ids, dtype=object)
-    rejections, flags = [], []
-    counts: dict[str, dict[str, int]] = {sid: {} for sid in ids}
-    flagged_keys = []
-    for i, rule in enumerate(rules):
-        if not failing[i]:
-            continue
-        keys = np.concatenate(failing[i])
-        if rule.severity != FATAL:
-            keys = keys[~np.isin(keys, rejected)]   # flags describe rows that are kept
-            flagged_keys.append(keys)
-        if keys.size == 0:
-            continue
-        index, numbers = np.divmod(keys, ROW_KEY_BASE)
-        for position, n in zip(*np.unique(index, return_counts=True)):
-            counts[ids[position]][rule.check.name] = int(n)
-        (rejections if rule.severity == FATAL else flags).append(pa.table({
-            "submission_id": pa.array(id_array[index], pa.string()),
-            "row_number": pa.array(numbers, pa.int64()),
-            "field": pa.array([rule.field] * keys.size),
-            "rule": pa.array([rule.rule] * keys.size),
-            "message": pa.array([rule.message] * keys.size),
-        }))
-    empty = pa.table({"submission_id": pa.array([], pa.string()), "row_number": pa.array([], pa.int64()),
-                      "field": pa.array([], pa.string()), "rule": pa.array([], pa.string()),
-                      "message": pa.array([], pa.string())})
-    paths = {}
-    for name, tables in (("rejections", rejections), ("dq_flags", flags)):
-        paths[name] = work / f"{name}.parquet"
-        con.register("findings", pa.concat_tables(tables) if tables else empty)
-        con.execute(f"COPY (SELECT * FROM findings ORDER BY submission_id, row_number) TO '{paths[name]}' "
-                    "(FORMAT parquet)")
-        con.unregister("findings")
-    rejected_by = _per_submission(rejected, ids)
-    flagged = np.unique(np.concatenate(flagged_keys)) if flagged_keys else np.array([], np.int64)
-    flagged_by = _per_submission(flagged, ids)
-    con.register("rejected_rows", pa.table({"row_key": pa.array(rejected, pa.int64())}))
-    events = work / "events.parquet"
-    con.execute(f"""COPY (SELECT {', '.join(validated_columns())} FROM read_parquet('{prepared}')
-                          ANTI JOIN rejected_rows USING (row_key) ORDER BY row_key)
-                    TO '{events}' (FORMAT parquet)""")
-    accepted = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{events}') "
-                                "GROUP BY ALL").fetchall())
-    derived = derived_reporting_periods(con, raw_rows)
-    seconds["write_results"] = time.perf_counter() - t
 
-    # Submission-level expectations (great-expectations), one council's file at a time.
-    t = time.perf_counter()
-    results: dict[str, ValidationResult] = {}
-    for ctx in contexts:
-        sid = ctx.submission_id
-        rows = pq.read_table(events, filters=[("submission_id", "=", sid)]) if expectations else None
-        results[sid] = ValidationResult(
-            raw_rows=raw_counts.get(sid, 0), accepted_rows=accepted.get(sid, 0), rejected_rows=rejected_by[sid],
-            rejections=paths["rejections"], dq_flags=paths["dq_flags"], events=events,
-            derived_period=derived.get(sid, (None, None)), rule_counts=counts[sid], flagged_rows=flagged_by[sid],
-            expectations=run_expectations(rows, ctx) if expectations else [])
-        del rows
-    seconds["great_expectations"] = time.perf_counter() - t
+def _expectations_for(task: tuple[Path, SubmissionContext]) -> list[dict]:
+    """The great-expectations suite over one submission's accepted rows (counts only)."""
+    from cld_pipeline.lib.validation.expectations import run_expectations
 
-    # The output schema (pandera) over bounded chunks of every accepted row.
-    t = time.perf_counter()
+    events, ctx = task
+    return run_expectations(pq.read_table(events, filters=[("submission_id", "=", ctx.submission_id)]), ctx)
+
+
+def _schema_failures(task: tuple[Path, int]) -> int:
+    from cld_pipeline.lib.validation.schema import validated_events_schema
+
+    events, group = task
     schema = validated_events_schema()
-    schema_failures = 0
-    for batch in pq.ParquetFile(events).iter_batches(batch_size=CHUNK_ROWS):
-        schema_failures += schema_failure_count(schema, batch.to_pandas())
-    seconds["pandera"] += time.perf_counter() - t
-    con.close()
-    return BatchValidation(results=results, rejections=paths["rejections"], dq_flags=paths["dq_flags"],
-                           events=events, prepared=prepared, schema_failures=schema_failures,
-                           seconds={k: round(v, 3) for k, v in seconds.items()})
+    return sum(schema_failure_count(schema, batch.to_pandas())
+               for batch in pq.ParquetFile(events).iter_batches(batch_size=CHUNK_ROWS, row_groups=[group]))
 
 
 def _per_submission(keys: np.ndarray, ids: list[str]) -> dict[str, int]:
