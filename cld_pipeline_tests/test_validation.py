@@ -165,3 +165,26 @@ def test_expectations_run_on_the_output(tmp_path):
     assert by_name["complete:Service_Type"]["rows"] == 0          # applies to services only
     assert all(set(e) == {"expectation", "rows", "unexpected", "unexpected_percent", "success"}
                for e in result.expectations)
+
+
+def test_worker_processes_judge_exactly_as_in_process(tmp_path, monkeypatch):
+    """The pandas-bound steps split by Parquet row group across worker processes give the same
+    rejections, flags, accepted rows and expectations as running here."""
+    from cld_pipeline.lib.validation import engine
+
+    rows = [base(la_person_unique_identifier=f"P{i}", gender=["Female", "Fmale", None][i % 3],
+                 event_end_date=["2026-01-06", "2025-12-01", "not a date"][i % 3]) for i in range(240)]
+    monkeypatch.setattr(engine, "ROW_GROUP_ROWS", 50)
+    monkeypatch.setenv("CLD_VALIDATION_WORKERS", "1")
+    (tmp_path / "inline").mkdir()
+    (tmp_path / "pooled").mkdir()
+    inline, inline_found = judge(tmp_path / "inline", rows, expectations=True)
+    monkeypatch.setenv("CLD_VALIDATION_WORKERS", "2")
+    pool = engine._pool(5)
+    assert pool is not None
+    pool.shutdown()
+    pooled, pooled_found = judge(tmp_path / "pooled", rows, expectations=True)
+    assert pooled_found == inline_found and len(inline_found) > 100
+    assert (pooled.accepted_rows, pooled.rejected_rows, pooled.flagged_rows, pooled.expectations) == (
+        inline.accepted_rows, inline.rejected_rows, inline.flagged_rows, inline.expectations)
+    assert pq.read_table(pooled.events).equals(pq.read_table(inline.events))

@@ -24,6 +24,7 @@ from cld_pipeline.lib.validation.rules import FATAL, row_rules
 from cld_pipeline.spec import load_spec
 
 CHUNK_ROWS = 100_000
+ROW_GROUP_ROWS = 122_880   # DuckDB's default; the unit of parallel work for the pandas-bound steps
 
 
 @dataclass
@@ -115,6 +116,8 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
     submission and row. Typing and mapping run once in DuckDB over all of them, the pandera row
     rules over bounded chunks that cross submissions, the output schema likewise; only the
     great-expectations suite runs per submission, because its thresholds judge one council's file."""
+    from cld_pipeline.lib.validation.expectations import run_expectations
+
     work.mkdir(parents=True, exist_ok=True)
     ids = [c.submission_id for c in contexts]
     seconds: dict[str, float] = {}
@@ -125,10 +128,11 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
         "submission_id": ids, "submission_index": pa.array(range(len(ids)), pa.int64()),
         "la_code": [c.la_code for c in contexts],
         "received_date": pa.array([c.received_date for c in contexts], pa.date32()),
-        "expected_field_count": pa.array([c.expected_field_count for c in contexts], pa.int32())}))
+        "expected_field_count": pa.array([c.expected_field_count for c in contexts], pa.int32()),
+        "reporting_period_start": pa.array([c.reporting_period_start for c in contexts], pa.date32())}))
     prepared = work / "prepared.parquet"
     con.execute(f"COPY ({prepare_sql(f'read_parquet({str(raw_rows)!r})')} ORDER BY row_key) "
-                f"TO '{prepared}' (FORMAT parquet)")
+                f"TO '{prepared}' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
     raw_counts = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{raw_rows}') "
                                   "GROUP BY ALL").fetchall())
     seconds["prepare_sql"] = time.perf_counter() - t
@@ -137,7 +141,7 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
     t = time.perf_counter()
     rules = row_rules()
     groups = pq.ParquetFile(prepared).metadata.num_row_groups
-    pool = _pool(groups, len(contexts))
+    pool = _pool(groups)
     try:
         failing: dict[int, list[np.ndarray]] = {i: [] for i in range(len(rules))}
         for part in _map(pool, _rule_failures, [(prepared, g) for g in range(groups)]):
@@ -187,24 +191,23 @@ def validate_submissions(raw_rows: Path, contexts: list[SubmissionContext], work
         events = work / "events.parquet"
         con.execute(f"""COPY (SELECT {', '.join(validated_columns())} FROM read_parquet('{prepared}')
                               ANTI JOIN rejected_rows USING (row_key) ORDER BY row_key)
-                        TO '{events}' (FORMAT parquet)""")
+                        TO '{events}' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS})""")
         accepted = dict(con.execute(f"SELECT submission_id, count(*) FROM read_parquet('{events}') "
                                     "GROUP BY ALL").fetchall())
         derived = derived_reporting_periods(con, raw_rows)
         seconds["write_results"] = time.perf_counter() - t
 
-        # Submission-level expectations (great-expectations), one council's file at a time.
+        # Submission-level expectations: DuckDB profiles every council's file, GX judges the profile.
         t = time.perf_counter()
-        suites = _map(pool, _expectations_for, [(events, ctx) for ctx in contexts]) if expectations else \
-            [[] for _ in contexts]
+        suites = run_expectations(con, events, ids) if expectations else {sid: [] for sid in ids}
         results: dict[str, ValidationResult] = {}
-        for ctx, outcome in zip(contexts, suites):
+        for ctx in contexts:
             sid = ctx.submission_id
             results[sid] = ValidationResult(
                 raw_rows=raw_counts.get(sid, 0), accepted_rows=accepted.get(sid, 0), rejected_rows=rejected_by[sid],
                 rejections=paths["rejections"], dq_flags=paths["dq_flags"], events=events,
                 derived_period=derived.get(sid, (None, None)), rule_counts=counts[sid], flagged_rows=flagged_by[sid],
-                expectations=outcome)
+                expectations=suites[sid])
         seconds["great_expectations"] = time.perf_counter() - t
 
         # The output schema (pandera) over bounded chunks of every accepted row.
@@ -226,13 +229,13 @@ def validation_workers() -> int:
     return max(1, int(os.environ.get("CLD_VALIDATION_WORKERS", min(os.cpu_count() or 1, 4))))
 
 
-def _pool(row_groups: int, submissions: int):
-    """A pool of worker processes when there is enough work to repay starting them (a few seconds
-    each, importing pandas, pandera and great-expectations); else None and the work runs here."""
+def _pool(row_groups: int):
+    """A pool of worker processes when there is enough work to repay starting them (a second or two
+    each, importing pandas and pandera); else None and the work runs here."""
     workers = validation_workers()
-    enough = row_groups >= 4 or submissions >= 8
+    enough = row_groups >= 4
     if "CLD_VALIDATION_WORKERS" in os.environ:   # set explicitly (tests, tuning): any parallel work
-        enough = row_groups > 1 or submissions > 1
+        enough = row_groups > 1
     if workers < 2 or not enough:
         return None
     import multiprocessing
@@ -259,14 +262,6 @@ def _rule_failures(task: tuple[Path, int]) -> dict[int, np.ndarray]:
             if not passed.all():
                 out.setdefault(i, []).append(keys[~passed])
     return {i: np.concatenate(parts) for i, parts in out.items()}
-
-
-def _expectations_for(task: tuple[Path, SubmissionContext]) -> list[dict]:
-    """The great-expectations suite over one submission's accepted rows (counts only)."""
-    from cld_pipeline.lib.validation.expectations import run_expectations
-
-    events, ctx = task
-    return run_expectations(pq.read_table(events, filters=[("submission_id", "=", ctx.submission_id)]), ctx)
 
 
 def _schema_failures(task: tuple[Path, int]) -> int:
