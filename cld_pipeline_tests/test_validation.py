@@ -188,3 +188,51 @@ def test_worker_processes_judge_exactly_as_in_process(tmp_path, monkeypatch):
     assert (pooled.accepted_rows, pooled.rejected_rows, pooled.flagged_rows, pooled.expectations) == (
         inline.accepted_rows, inline.rejected_rows, inline.flagged_rows, inline.expectations)
     assert pq.read_table(pooled.events).equals(pq.read_table(inline.events))
+
+
+def test_expectation_counts_equal_great_expectations_own_row_level_evaluation(tmp_path):
+    """The suite's counts come from one DuckDB profile of every council; on the same accepted rows,
+    GX's own pandas evaluation of the row-level expectations gives the same rows and unexpected rows."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    from cld_pipeline.lib.validation.expectations import UNIQUE_KEY, _context
+
+    service = SPEC.code_list("event_type").value("service")
+    rows = []
+    for i in range(60):
+        start = ["2026-01-05", "2011-02-01", "2026-10-25", None][i % 4] or "2026-03-01"
+        rows.append(base(la_person_unique_identifier=f"P{i % 23}", gender=["Female", "Fmale", None][i % 3],
+                         ethnicity=None if i % 5 == 0 else "White: Irish", event_start_date=start,
+                         event_end_date=None if i % 2 else "2026-10-26",
+                         event_type=service if i % 2 else "Request",
+                         service_type=None if i % 7 == 0 else "Long Term Support: Residential",
+                         event_outcome=None if i % 2 else "NFA: Other"))
+    rows += [base(la_person_unique_identifier="P-twice")] * 3
+    result, _ = judge(tmp_path, rows, expectations=True)
+    ours = {e["expectation"]: (e["rows"], e["unexpected"]) for e in result.expectations}
+
+    _, batch_definition = _context()
+    frame = pq.read_table(result.events).to_pandas(date_as_object=False)
+    earliest = dt.datetime.combine(CTX.reporting_period_start - dt.timedelta(days=3653), dt.time())
+    service_type = SPEC.field("Service_Type")
+    row_level = {
+        "valid_codes:Gender": gxe.ExpectColumnValuesToNotBeInSet(column="gender_cleaned",
+                                                                 value_set=[SPEC.derived.invalid_value]),
+        "complete:Ethnicity": gxe.ExpectColumnValuesToNotBeNull(column="ethnicity_cleaned"),
+        "complete:Service_Type": gxe.ExpectColumnValuesToNotBeNull(
+            column="service_type_cleaned", condition_parser="pandas",
+            row_condition=" | ".join(f'event_type_cleaned=="{v}"' for v in service_type.applies_to.event_types)),
+        "dates_in_range:Event_Start_Date": gxe.ExpectColumnValuesToBeBetween(
+            column="event_start_date", min_value=earliest,
+            max_value=dt.datetime.combine(CTX.received_date, dt.time())),
+        "unique:events": gxe.ExpectCompoundColumnsToBeUnique(column_list=list(UNIQUE_KEY)),
+    }
+    suite = gx.ExpectationSuite(name="row_level")
+    for name, expectation in row_level.items():
+        expectation.meta = {"name": name}
+        suite.add_expectation(expectation)
+    theirs = {r.expectation_config.meta["name"]: (r.result["element_count"], r.result["unexpected_count"])
+              for r in batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite).results}
+    assert theirs == {name: ours[name] for name in row_level}
+    assert all(unexpected > 0 for _, unexpected in theirs.values())

@@ -21,6 +21,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from cld_pipeline.lib.pseudonymise import PseudoKey, load_key, load_ring
+from cld_pipeline import settings
 from cld_pipeline.settings import analytics_db_path, data_dir, identifiable_db_path
 
 
@@ -57,6 +58,7 @@ class LockedDuckDBResource(DuckDBResource):
             try:
                 with super().get_connection() as con:
                     _restrict_file_mode(self.database)
+                    con.execute(f"SET memory_limit = '{settings.duckdb_memory_limit()}'")
                     yield con
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

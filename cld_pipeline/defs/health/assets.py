@@ -129,8 +129,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
     extract_id = facts.sha256[:20]
     scratch = settings.new_scratch("hospital-")
     try:
-        work = duckdb.connect()
-        work.execute("SET threads = 2")
+        work = settings.work_connection(scratch)
         work.register("records", records)
         work.execute(f"""CREATE TABLE episodes AS SELECT '{extract_id}' AS extract_id, row_number, field_count,
                          {facts.width} AS width, {', '.join(hospital.validated_columns())}, extra_values FROM records""")
@@ -258,7 +257,7 @@ def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifia
                         f"ORDER BY row_number) TO '{source}' (FORMAT parquet)", [quarter])
         out = scratch / "pseudonymised.parquet"
         ipad, opad = key.pads
-        work = duckdb.connect()
+        work = settings.work_connection(scratch)
         work.execute(f"COPY ({hospital.pseudonymise_sql(f'read_parquet({chr(39)}{source}{chr(39)})', '$quarter')}) "
                      f"TO '{out}' (FORMAT parquet)", {"ipad": ipad, "opad": opad, "key_version": key.version,
                                                       "quarter": quarter})

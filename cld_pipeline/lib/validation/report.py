@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import duckdb
 from jinja2 import Environment
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -64,9 +63,9 @@ class ReportWriter:
     prepared Parquet files), loading the findings and the rows' references once for the batch."""
 
     def __init__(self, work: Path):
-        self.con = duckdb.connect()
-        self.con.execute("SET threads = 2")
-        self.con.execute(f"SET temp_directory = '{work / 'spill'}'")
+        from cld_pipeline.settings import work_connection
+
+        self.con = work_connection(work)
         self.con.execute(f"""CREATE TABLE findings AS
             SELECT submission_id, row_number, field, rule, message, 'reject' AS severity
             FROM read_parquet('{work / 'rejections.parquet'}')

@@ -13,8 +13,8 @@ TABLES = ("events", "rejections", "dq_flags")
 
 
 def export_raw_rows(con: duckdb.DuckDBPyConnection, submission_ids: list[str], target: Path) -> None:
-    con.execute(f"COPY (SELECT * FROM raw.events WHERE submission_id IN (SELECT unnest($ids)) "
-                f"ORDER BY submission_id, row_number) TO '{target}' (FORMAT parquet)", {"ids": submission_ids})
+    con.execute(f"COPY (SELECT * FROM raw.events WHERE submission_id IN (SELECT unnest($ids))) "
+                f"TO '{target}' (FORMAT parquet)", {"ids": submission_ids})
 
 
 def replace_partitions(con: duckdb.DuckDBPyConnection, submissions: list[dict], work: Path, ring=None) -> int:
