@@ -141,31 +141,40 @@ def layer_stats(target: Path, sampler: Sampler) -> dict:
         if record.start_time and record.end_time:
             overhead += (record.end_time - record.start_time) - steps
             runs += 1
-    # Where validation's time goes (the asset records its own split per run; a batch run repeats it
-    # on each partition it covers, so each run counts once).
-    split: dict[str, float] = {}
-    seen: set[str] = set()
-    try:
-        records = instance.fetch_materializations(dg.AssetKey(["validated", "events"]), limit=10_000).records
-    except Exception as err:  # the split is a profile, not a result: never lose a run over it
-        print(f"no validation split: {err}", file=sys.stderr)
-        records = []
-    for event in records:
-        if event.run_id in seen:
-            continue
-        seen.add(event.run_id)
-        timing = event.asset_materialization.metadata.get("seconds")
-        for part, value in ((timing.value if timing else None) or {}).items():
-            if part != "total" and isinstance(value, (int, float)):
-                split[part] = split.get(part, 0.0) + float(value)
-    if "validated" in layers:
-        layers["validated"]["split_seconds"] = {k: round(v, 1) for k, v in sorted(split.items())}
+    # Where validation's and the benchmark's time goes: each asset records its own split per run (a
+    # batch run repeats it on each partition it covers, so each run counts once).
+    for layer, key, field in (("validated", ["validated", "events"], "seconds"),
+                              ("benchmark", ["benchmark", "activity"], "seconds_by_phase")):
+        split = split_seconds(instance, dg.AssetKey(key), field)
+        if layer in layers and split:
+            layers[layer]["split_seconds"] = split
     instance.dispose()
     for entry in layers.values():
         entry["seconds"] = round(entry["seconds"], 1)
     layers["dagster_run_overhead"] = {"seconds": round(overhead, 1), "runs": runs,
                                       "per_run_seconds": round(overhead / max(runs, 1), 2)}
     return layers
+
+
+def split_seconds(instance, key, field: str) -> dict[str, float]:
+    import dagster as dg
+
+    split: dict[str, float] = {}
+    seen: set[str] = set()
+    try:
+        records = instance.fetch_materializations(key, limit=10_000).records
+    except Exception as err:  # the split is a profile, not a result: never lose a run over it
+        print(f"no split for {key.to_user_string()}: {err}", file=sys.stderr)
+        return {}
+    for event in records:
+        if event.run_id in seen:
+            continue
+        seen.add(event.run_id)
+        timing = event.asset_materialization.metadata.get(field)
+        for part, value in ((timing.value if isinstance(timing, dg.JsonMetadataValue) else None) or {}).items():
+            if part != "total" and isinstance(value, (int, float)):
+                split[part] = split.get(part, 0.0) + float(value)
+    return {k: round(v, 1) for k, v in sorted(split.items())}
 
 
 def table_rows(target: Path) -> dict:

@@ -23,7 +23,7 @@ from cld_pipeline.lib.validation.prepare import ROW_KEY_BASE, mapping_table, pre
 from cld_pipeline.lib.validation.rules import FATAL, row_rules
 from cld_pipeline.spec import load_spec
 
-CHUNK_ROWS = 100_000
+CHUNK_ROWS = 61_440   # rows per pandas frame: half a row group, so two workers stay well under a GiB each
 ROW_GROUP_ROWS = 122_880   # DuckDB's default; the unit of parallel work for the pandas-bound steps
 
 
