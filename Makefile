@@ -33,7 +33,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# Heavy: generates 100k / 1M / 8M-row collections under bench/work/ and runs them (about an hour).
+# Heavy: generates 100k / 1M / 8M-row collections under bench/work/ and runs them, then times
+# median-sized national files from landing to pseudonymised with the daemon (about an hour).
+BENCH_ARGS ?= --latency
 bench: setup
 	$(BIN)/cld-pipeline bench $(BENCH_ARGS)
 

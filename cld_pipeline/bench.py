@@ -217,7 +217,7 @@ def median_of(results: list[dict]) -> dict:
     return chosen
 
 
-def main(scales: list[str], repeat: int) -> int:
+def main(scales: list[str], repeat: int, latency: bool = False) -> int:
     BENCH.mkdir(exist_ok=True)
     path = BENCH / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -239,6 +239,14 @@ def main(scales: list[str], repeat: int) -> int:
         path.write_text(json.dumps(results, indent=2))
         (BENCH / "results.md").write_text(markdown(results))
         print(f"{scale}: pipeline {pipeline['seconds']} s, baseline {baseline['seconds']} s, ratio {ratios['total']}")
+    if latency:   # a median-sized council's file at national scale, with the daemon
+        from cld_pipeline import bench_latency
+
+        results["latency"] = {**bench_latency.measure(generate("8m", SCALES["8m"]), BENCH / "work" / "latency"),
+                              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+        path.write_text(json.dumps(results, indent=2))
+        (BENCH / "results.md").write_text(markdown(results))
+        print(f"latency: median {results['latency']['median_seconds']} s from landing to pseudonymised")
     return 0
 
 
@@ -258,6 +266,18 @@ def markdown(results: dict) -> str:
         lines.append(f"| {scale} | {r['rows']} | **end to end** (runs: {p['runs']}, {p['all_seconds']}) | "
                      f"**{p['seconds']}** | {round(r['rows'] / p['seconds'])} | {p['peak_rss_mb']} | "
                      f"{b['seconds']} (peak {b['peak_rss_mb']} MiB) | **{ratio['total']}** |")
+    lines += ["", "Where the time goes inside a layer (seconds, summed over its runs):", ""]
+    for scale, r in results.get("scales", {}).items():
+        for layer in ("validated", "benchmark"):
+            split = r["pipeline"]["layers"].get(layer, {}).get("split_seconds")
+            if split:
+                lines.append(f"- {scale} {layer}: " + ", ".join(f"{k} {v}" for k, v in split.items()))
+    if "latency" in results:
+        lat = results["latency"]
+        lines += ["", f"Landing to pseudonymised with the daemon (median-sized national files, "
+                      f"{lat['settle_seconds']:g} s settling, sensor every {lat['sensor_interval_seconds']} s): "
+                      f"median **{lat['median_seconds']} s** (target {lat['target_seconds']} s); "
+                      + ", ".join(f"{a['rows']} rows {a['seconds']} s" for a in lat["arrivals"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -267,5 +287,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", action="append", choices=list(SCALES) + list(SMOKE))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency", action="store_true")
     args = parser.parse_args()
-    sys.exit(main(args.scale or list(SCALES), args.repeat))
+    sys.exit(main(args.scale or list(SCALES), args.repeat, args.latency))

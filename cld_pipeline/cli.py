@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--scale", action="append", choices=[*bench.SCALES, *bench.SMOKE],
                     help="repeatable; default all three")
     bn.add_argument("--repeat", type=int, default=3)
-    bn.set_defaults(func=lambda a: bench.main(a.scale or list(bench.SCALES), a.repeat))
+    bn.add_argument("--latency", action="store_true",
+                    help="also time median-sized national files from landing to pseudonymised with the daemon running")
+    bn.set_defaults(func=lambda a: bench.main(a.scale or list(bench.SCALES), a.repeat, a.latency))
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")

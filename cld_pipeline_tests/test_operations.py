@@ -53,6 +53,22 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def _backfill(env: dict, *args: str) -> list:
+    """Launch `cld-pipeline backfill --quarter 2026-Q3 [args]`, wait for the daemon to complete it
+    successfully, and return its runs."""
+    launched = _cli(env, "backfill", "--quarter", "2026-Q3", *args)
+    assert launched.returncode == 0, launched.stderr
+    backfill_id = launched.stdout.split()[1].rstrip(":")
+    with environment(DAGSTER_HOME=env["DAGSTER_HOME"]):
+        instance = dg.DagsterInstance.get()
+        done = _wait(lambda: (b := instance.get_backfill(backfill_id)) and b.status.value.startswith("COMPLETED")
+                     and b, 400, "the backfill to complete")
+        assert done.status == BulkActionStatus.COMPLETED_SUCCESS
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        instance.dispose()
+    return runs
+
+
 def test_failure_alert_then_failed_only_backfill_through_the_daemon_completes_the_quarter(tmp_path):
     data = tmp_path / "data"
     generate(GeneratorConfig(scale="tiny", quarters=1, seed=23, la_codes=("313",), hospital=False,
@@ -81,23 +97,40 @@ def test_failure_alert_then_failed_only_backfill_through_the_daemon_completes_th
     env["CLD_PSEUDO_KEY"] = secrets.token_hex(32)
     daemon = _daemon(env)
     try:
-        launched = _cli(env, "backfill", "--quarter", "2026-Q3", "--failed-only")
-        assert launched.returncode == 0, launched.stderr
-        backfill_id = launched.stdout.split()[1].rstrip(":")
-        _wait(lambda: _cli(env, "backfill", "--quarter", "2026-Q3", "--status").returncode == 0, 300,
-              "the quarter to be whole")
-        with environment(DAGSTER_HOME=env["DAGSTER_HOME"]):
-            instance = dg.DagsterInstance.get()
-            done = _wait(lambda: (b := instance.get_backfill(backfill_id)) and b.status.value.startswith("COMPLETED")
-                         and b, 300, "the backfill to complete")
-            assert done.status == BulkActionStatus.COMPLETED_SUCCESS
-            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
-            assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        runs = _backfill(env, "--failed-only")
+        assert _cli(env, "backfill", "--quarter", "2026-Q3", "--status").returncode == 0   # the quarter is whole
+        assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     finally:
         _stop(daemon)
     with duckdb.connect(str(data / "analytics.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM pseudonymised.events WHERE la_code = '313'").fetchall()[0][0] > 1000
         assert con.execute("SELECT count(*) FROM benchmark.ascof WHERE quarter = '2026-Q3'").fetchall()[0][0] > 0
+
+
+def test_a_quarter_backfill_through_the_daemon_is_one_run_for_its_councils(tmp_path):
+    """Three neighbouring councils' quarter, backfilled with the command: the daemon runs the
+    per-submission layers of all three in one run over a range of partitions (single-run backfill
+    policy), and the quarter-level tables after it."""
+    from cld_pipeline.defs.partitions import la_partitions
+
+    las = tuple(la_partitions.get_partition_keys()[:3])
+    data = tmp_path / "data"
+    generate(GeneratorConfig(scale="tiny", quarters=1, seed=29, la_codes=las, hospital=False,
+                             defects=DefectRates().scaled(0.0), resubmission_share=0.0), data, progress=False)
+    env = {**os.environ, "CLD_DATA_DIR": str(data), "DAGSTER_HOME": str(data / "dagster_home"),
+           "CLD_PSEUDO_KEY": secrets.token_hex(32), "CLD_ENVIRONMENT": "production"}
+    assert _cli(env, "run", "--quiet").returncode == 0
+    daemon = _daemon(env)
+    try:
+        runs = _backfill(env)
+        per_submission = [r for r in runs if dg.AssetKey(["validated", "events"]) in (r.asset_selection or set())]
+        assert len(per_submission) == 1, [r.tags for r in runs]
+        tags = per_submission[0].tags
+        assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == (
+            f"{las[0]}|2026-Q3", f"{las[-1]}|2026-Q3")
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    finally:
+        _stop(daemon)
 
 
 def test_alerts_name_the_partition_and_reach_a_webhook(tmp_path):

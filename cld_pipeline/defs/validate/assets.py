@@ -5,6 +5,9 @@ Per quarter x LA partition: `validated.events` (accepted rows, typed, with clean
 summary row in `validated.submissions` with the stated and derived reporting periods, and the
 council's data-quality report under `reports/dq/`. Blocking checks stop an unusable submission
 from flowing downstream. Metadata and check results carry counts, never submitted values.
+
+A run covers one partition (an arriving file) or many (a quarter's backfill, single-run policy):
+the work is the same set-based pass either way, so the results are identical (test_batch_runs).
 """
 
 import shutil

@@ -1,9 +1,10 @@
-"""Validate one submission: prepare in DuckDB, judge with the pandera row rules, check the submission
-with the great-expectations suite, all over bounded chunks.
+"""Validate a batch of submissions (one, or a quarter's councils): prepare in DuckDB, judge with the
+pandera row rules over bounded chunks (in worker processes when there is enough work), check each
+submission with the great-expectations suite, and check the output schema.
 
 Works on Parquet files in a scratch folder (the raw rows are exported first), so the processor
 zone's database is locked only to read the raw rows and to write the results. Memory is bounded by
-the chunk size, not by the size of the file.
+the chunk size and DuckDB's memory limit, not by the size of the batch.
 """
 
 from __future__ import annotations
