@@ -15,11 +15,17 @@ import dagster as dg
 import pyarrow as pa
 
 from cld_pipeline import settings
-from cld_pipeline.defs.partitions import SUBMISSION_WINDOW, run_partitions, submission_partitions
+from cld_pipeline.defs.partitions import (
+    SUBMISSION_WINDOW,
+    run_partitions,
+    submission_partitions,
+)
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
-from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS, current_submissions
+from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
+from cld_pipeline.defs.validate.assets import current_submissions
 from cld_pipeline.lib import rights
 from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
+from cld_pipeline.lib.validation.store import unusable_submissions
 from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
 from cld_pipeline.spec import load_spec
 
@@ -128,10 +134,7 @@ def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: Loc
             currents = current_submissions(con, partitions)
             # In a batch, a submission the validated layer judged unusable is left out here (one file
             # alone is stopped by the blocking check before this step runs).
-            con.execute("ALTER TABLE validated.submissions ADD COLUMN IF NOT EXISTS usable BOOLEAN DEFAULT true")
-            unusable = {r[0] for r in con.execute(
-                "SELECT submission_id FROM validated.submissions WHERE NOT usable AND submission_id IN "
-                "(SELECT unnest($ids))", {"ids": [c["submission_id"] for c in currents.values()]}).fetchall()}
+            unusable = unusable_submissions(con, [c["submission_id"] for c in currents.values()])
             if len(currents) > 1:
                 currents = {p: c for p, c in currents.items() if c["submission_id"] not in unusable}
             skipped = sorted(p[0] for p in partitions if p not in currents)
