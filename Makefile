@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # Dagster UI and daemon on http://127.0.0.1:3000; generates a small national quarter on first run.
 run: setup
-	@mkdir -p "$(CLD_DATA_DIR)/landing" "$(DAGSTER_HOME)"
-	@cp $(if $(filter production,$(CLD_DAGSTER_PROFILE)),deploy/dagster.production.yaml,dagster.yaml) "$(DAGSTER_HOME)/dagster.yaml"
+	@mkdir -p "$(CLD_DATA_DIR)/landing"
+	@$(BIN)/cld-pipeline instance --refresh >/dev/null
 	@if [ -z "$$(find "$(CLD_DATA_DIR)/landing" "$(CLD_DATA_DIR)/archive" -maxdepth 1 -type f -print -quit 2>/dev/null)" ]; then \
 		echo "nothing received yet: generating a small synthetic national quarter into landing/"; \
 		$(BIN)/cld-pipeline generate --scale small; \

@@ -75,7 +75,7 @@ def environment(**values: str):
 def pseudonymised_pipeline(tmp_path_factory):
     """A tiny collection with defects, resubmissions and hospital extracts, processed end to end by
     `cld-pipeline run` in production mode (the raw rows and extracts are kept for the assertions)."""
-    from cld_pipeline.headless import prepare_instance, process_landing
+    from cld_pipeline.commands.run import prepare_instance, process_landing
 
     data_dir = tmp_path_factory.mktemp("pseudo")
     manifest = generate(PIPELINE, data_dir, progress=False)

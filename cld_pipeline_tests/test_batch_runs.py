@@ -72,7 +72,7 @@ def test_the_landing_run_batched_each_quarter(pseudonymised_pipeline):
 def test_per_partition_runs_and_a_range_backfill_reproduce_the_batch(batched):
     from cld_pipeline.definitions import defs as load_defs
     from cld_pipeline.defs.partitions import submission_partition_key
-    from cld_pipeline.headless import BATCH_ASSETS, RANGE_END, RANGE_START, RAW_ASSETS, la_blocks, prepare_instance
+    from cld_pipeline.commands.run import BATCH_ASSETS, RANGE_END, RANGE_START, RAW_ASSETS, la_blocks, prepare_instance
 
     before = fingerprints(batched)
     assert before["validated.events"][0] > 0 and before["pseudonymised.events"][0] > 0
@@ -107,7 +107,7 @@ def test_per_partition_runs_and_a_range_backfill_reproduce_the_batch(batched):
 def test_a_range_over_a_council_that_never_submitted_fails_plainly(batched):
     from cld_pipeline.definitions import defs as load_defs
     from cld_pipeline.defs.partitions import la_partitions, submission_partition_key
-    from cld_pipeline.headless import BATCH_ASSETS, RANGE_END, RANGE_START, _failure_message, prepare_instance
+    from cld_pipeline.commands.run import BATCH_ASSETS, RANGE_END, RANGE_START, _failure_message, prepare_instance
 
     la, quarter = _partitions(batched)[0]
     order = la_partitions.get_partition_keys()

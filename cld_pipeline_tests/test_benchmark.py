@@ -15,8 +15,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from cld_pipeline.lib import dhsc
-from cld_pipeline.lib.disclosure import count_sql, secondary_suppression
+from cld_pipeline.lib.benchmark import dhsc
+from cld_pipeline.lib.privacy.disclosure import count_sql, secondary_suppression
 
 from .conftest import ARTIFACTS, environment, find_chromium
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import duckdb
-from cld_pipeline.lib import dhsc
-from cld_pipeline.lib.pseudonymise import PseudoKey, la_message, nhs_message, person_token_sql, token
+from cld_pipeline.lib.benchmark import dhsc
+from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, la_message, nhs_message, person_token_sql, token
 from cld_pipeline.lib.validation.engine import derived_reporting_periods
 
 D = dt.date

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cld_pipeline.cli import main as cli_main
-from cld_pipeline.lib.identifiers import is_valid_nhs_number
-from cld_pipeline.lib.submission_files import parse_date
+from cld_pipeline.commands.cli import main as cli_main
+from cld_pipeline.lib.privacy.identifiers import is_valid_nhs_number
+from cld_pipeline.lib.ingest.submission_files import parse_date
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
 from cld_pipeline.synthetic import GeneratorConfig, generate

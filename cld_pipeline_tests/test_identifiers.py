@@ -3,7 +3,7 @@
 import numpy as np
 from hypothesis import given, strategies as st
 
-from cld_pipeline.lib.identifiers import (
+from cld_pipeline.lib.privacy.identifiers import (
     check_digits, is_valid_nhs_number, nhs_check_digit, nhs_number_problem, postcode_district,
     never_issued_nhs_numbers, never_issued_valid_numbers,
 )

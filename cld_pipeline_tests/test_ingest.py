@@ -18,7 +18,7 @@ import pytest
 
 from cld_pipeline.defs.ingest.sensors import landing_sensor
 from cld_pipeline.defs.partitions import submission_partition_key
-from cld_pipeline.headless import prepare_instance, process_landing
+from cld_pipeline.commands.run import prepare_instance, process_landing
 from cld_pipeline.synthetic import DefectRates, GeneratorConfig, generate
 
 from .conftest import environment, read_submission
@@ -293,7 +293,7 @@ def test_no_identifier_reaches_the_event_log(generated_landing):
 RUN_ONE = textwrap.dedent("""
     import json, sys
     from cld_pipeline.definitions import defs
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands.run import prepare_instance
     import dagster as dg
     request = json.loads(sys.argv[1])
     # The raw layer only: this test is about writers contending for the database, and the later
@@ -335,7 +335,7 @@ def test_twenty_submissions_at_once_all_land_without_lock_errors(tmp_path):
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal
-    import cld_pipeline.lib.raw_store as raw_store
+    import cld_pipeline.lib.ingest.raw_store as raw_store
     calls = {"n": 0}
     real_commit = raw_store.commit
     def commit_then_die(con):
@@ -344,7 +344,7 @@ KILLED_RUN = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)   # killed with the transaction written but not committed
         real_commit(con)
     raw_store.commit = commit_then_die
-    from cld_pipeline.headless import process_landing
+    from cld_pipeline.commands.run import process_landing
     process_landing(log=lambda *_: None)
 """)
 
@@ -362,7 +362,7 @@ def test_a_run_killed_mid_write_reruns_to_exactly_a_clean_run(tmp_path):
                             capture_output=True, timeout=300)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     for d in (faulty, clean):
-        done = subprocess.run([sys.executable, "-m", "cld_pipeline.cli", "run", "--quiet"], env=env_for(d),
+        done = subprocess.run([sys.executable, "-m", "cld_pipeline.commands.cli", "run", "--quiet"], env=env_for(d),
                               capture_output=True, timeout=300)
         assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
 

@@ -15,7 +15,7 @@ from cld_pipeline.defs.health.sensors import hospital_sensor, plan_hospital
 from cld_pipeline.defs.linked.adhoc import cohort_linkage
 from cld_pipeline.defs.linked.assets import EPISODE_COLUMNS, build_linked_tables, quarter_period
 from cld_pipeline.defs.resources import LockedDuckDBResource
-from cld_pipeline.lib.linkage import _values
+from cld_pipeline.lib.linkage.tables import _values
 from cld_pipeline.spec import load_spec
 
 from .conftest import environment

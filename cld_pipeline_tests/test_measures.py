@@ -1,5 +1,5 @@
 """Benchmark measures on the worked examples of domain/outputs-and-measures.md, with their numbers.
-Each example goes through the whole DHSC main-table method first (lib/dhsc.py), as the asset does."""
+Each example goes through the whole DHSC main-table method first (lib/benchmark/dhsc.py), as the asset does."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 
 import duckdb
 
-from cld_pipeline.lib import dhsc, measures
+from cld_pipeline.lib.benchmark import dhsc, measures
 
 from .test_dhsc_method import ROW_COLUMNS, SERVICE, REQUEST, ASSESSMENT, _lit
 

@@ -13,7 +13,7 @@ import pytest
 from plotly.offline import get_plotlyjs
 from hypothesis import given, settings, strategies as st
 
-from cld_pipeline.lib.pseudonymise import (
+from cld_pipeline.lib.privacy.pseudonymise import (
     KeyError_, PseudoKey, hmac_sql, la_message, load_key, nhs_message, parse_key, token,
 )
 from cld_pipeline.reference import load_local_authorities
@@ -124,7 +124,7 @@ def test_production_refuses_to_start_without_a_key(tmp_path):
     env = {**os.environ, "CLD_DATA_DIR": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dh"),
            "CLD_ENVIRONMENT": "production"}
     env.pop("CLD_PSEUDO_KEY", None)
-    done = subprocess.run([sys.executable, "-m", "cld_pipeline.cli", "run"], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cld_pipeline.commands.cli", "run"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "CLD_PSEUDO_KEY is not set" in done.stderr
     with pytest.raises(KeyError_, match="at least 32"):

@@ -16,7 +16,7 @@ import duckdb
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from cld_pipeline.lib import rights
+from cld_pipeline.lib.privacy import rights
 from cld_pipeline_tests.conftest import PIPELINE_KEY, environment, occurrences
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")
@@ -75,15 +75,15 @@ def person_with_history(data: Path) -> tuple[str, str, str]:
 
 
 def tokens_of(messages: set[str]) -> set[str]:
-    from cld_pipeline.lib.pseudonymise import PseudoKey, parse_key, token
+    from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, parse_key, token
 
     key = PseudoKey(parse_key(PIPELINE_KEY), "1")
     return {token(key, m) for m in messages}
 
 
 def run_right(action: str, **who) -> dict:
-    from cld_pipeline import subject_rights
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands import rights as subject_rights
+    from cld_pipeline.commands.run import prepare_instance
 
     person = rights.parse_person(who.get("nhs"), who.get("la"), who.get("person_id"))
     request_id = subject_rights.lodge(action, person, "test-handler", f"case {action} T1")
@@ -93,7 +93,7 @@ def run_right(action: str, **who) -> dict:
 def submitted_rows(data: Path, nhs: str) -> tuple[set[tuple[str, int]], set[str]]:
     """From the archived original files (not the pipeline's tables): (file, row number) of every row
     with this NHS number, or with an LA person id that rows with this number carry, and those ids."""
-    from cld_pipeline.lib.submission_files import inspect_and_read
+    from cld_pipeline.lib.ingest.submission_files import inspect_and_read
 
     files = query(data / "identifiable.duckdb", "SELECT file_name, sha256, la_code, received_at FROM raw.submissions "
                                                 "WHERE status IN ('accepted', 'superseded')")
@@ -131,7 +131,7 @@ def test_copy_returns_exactly_the_persons_rows(data_copy):
 
 
 def test_erase_removes_the_person_everywhere_and_keeps_them_out(data_copy):
-    from cld_pipeline.headless import prepare_instance, process_landing
+    from cld_pipeline.commands.run import prepare_instance, process_landing
 
     identifiable, analytics = data_copy / "identifiable.duckdb", data_copy / "analytics.duckdb"
     nhs, la, _ = person_with_history(data_copy)
@@ -217,7 +217,7 @@ def test_restrict_withholds_and_unrestrict_restores(data_copy):
 
 def test_correction_by_resubmission_supersedes_and_rebuilds(data_copy):
     """Rectification: the council resubmits a corrected row; every layer follows the new file."""
-    from cld_pipeline.headless import prepare_instance, process_landing
+    from cld_pipeline.commands.run import prepare_instance, process_landing
 
     identifiable, analytics = data_copy / "identifiable.duckdb", data_copy / "analytics.duckdb"
     name, sha, la, quarter, old_id = query(identifiable, "SELECT file_name, sha256, la_code, quarter, submission_id "
@@ -249,8 +249,8 @@ def test_correction_by_resubmission_supersedes_and_rebuilds(data_copy):
 
 
 def test_audit_log_records_actions_and_detects_tampering(data_copy):
-    from cld_pipeline.cli import main
-    from cld_pipeline.lib import audit
+    from cld_pipeline.commands.cli import main
+    from cld_pipeline.lib.privacy import audit
 
     nhs, _, _ = person_with_history(data_copy)
     run_right("copy", nhs=nhs)
@@ -273,8 +273,8 @@ def test_audit_log_records_actions_and_detects_tampering(data_copy):
 
 
 def test_retention_destroys_everything_after_the_agreement_ends(data_copy, capsys):
-    from cld_pipeline.cli import main
-    from cld_pipeline.lib import retention
+    from cld_pipeline.commands.cli import main
+    from cld_pipeline.lib.privacy import retention
 
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in retention.planned()}
     assert any(p.name == "identifiable.duckdb" for p in before) and any(p.parent.name == "archive" for p in before)
@@ -337,7 +337,7 @@ def test_no_analytical_asset_can_read_the_processor_zone(data_copy):
 def test_register_matching_in_sql_equals_the_python_token(digits, seps, la, person, pad):
     """What the register stores (Python) is what the write points compute in SQL, whatever the
     spacing of the submitted NHS number or LA person id."""
-    from cld_pipeline.lib.pseudonymise import PseudoKey, parse_key
+    from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, parse_key
 
     key = PseudoKey(parse_key(PIPELINE_KEY), "1")
     submitted = pad + "".join(s + d for s, d in zip(seps, digits)) + seps[-1] + pad

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cld_pipeline.lib.submission_files import (
+from cld_pipeline.lib.ingest.submission_files import (
     SubmissionRefused,
     check_name,
     inspect_submission,

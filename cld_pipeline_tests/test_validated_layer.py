@@ -11,7 +11,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from cld_pipeline.headless import prepare_instance, process_landing
+from cld_pipeline.commands.run import prepare_instance, process_landing
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.synthetic import DefectRates, GeneratorConfig, generate
 from cld_pipeline.synthetic.defects import RULE

@@ -19,6 +19,8 @@ from cld_pipeline.reference import load_local_authorities
 quarter_partitions = dg.DynamicPartitionsDefinition(name="quarter")
 la_partitions = dg.StaticPartitionsDefinition([la.submission_code for la in load_local_authorities()])
 submission_partitions = dg.MultiPartitionsDefinition({"quarter": quarter_partitions, "la": la_partitions})
+# Asset groups partitioned by quarter alone, rebuilt downstream of a quarter's LA partitions.
+QUARTER_GROUPS = ("linked", "benchmark")
 
 
 def submission_partition_key(la_code: str, quarter: str) -> dg.MultiPartitionKey:

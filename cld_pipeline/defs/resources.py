@@ -20,8 +20,8 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from cld_pipeline.lib.pseudonymise import PseudoKey, load_key, load_ring
-from cld_pipeline import settings
+from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, load_key, load_ring
+from cld_pipeline import environment, settings
 from cld_pipeline.settings import analytics_db_path, data_dir, identifiable_db_path
 
 
@@ -99,6 +99,7 @@ class PseudonymisationKey(dg.ConfigurableResource):
 
 @dg.definitions
 def resources() -> dg.Definitions:
+    env = environment.current()
     for path in (identifiable_db_path(), analytics_db_path()):
         path.parent.mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
@@ -107,11 +108,10 @@ def resources() -> dg.Definitions:
             "analytics_db": LockedDuckDBResource(database=str(analytics_db_path())),
             "processor_outbox": ProcessorZoneOutbox(database=str(identifiable_db_path())),
             "pseudonymisation_key": PseudonymisationKey(
-                key=dg.EnvVar("CLD_PSEUDO_KEY") if os.environ.get("CLD_PSEUDO_KEY") else None,
-                key_version=os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
-                environment=os.environ.get("CLD_ENVIRONMENT", "development"),
-                previous_keys=(dg.EnvVar("CLD_PSEUDO_KEY_PREVIOUS") if os.environ.get("CLD_PSEUDO_KEY_PREVIOUS")
-                               else None),
+                key=dg.EnvVar("CLD_PSEUDO_KEY") if env.key_from_env else None,
+                key_version=env.key_version,
+                environment=env.name,
+                previous_keys=dg.EnvVar("CLD_PSEUDO_KEY_PREVIOUS") if env.previous_keys_from_env else None,
             ),
         }
     )

@@ -7,8 +7,6 @@ from contextlib import contextmanager
 import duckdb
 import pyarrow as pa
 
-import dagster as dg
-
 
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection):
@@ -47,13 +45,3 @@ def replace_table(con: duckdb.DuckDBPyConnection, schema: str, table: str, data:
     finally:
         con.unregister("_incoming")
     return data.num_rows
-
-
-def table_schema(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> dg.TableSchema:
-    """Column names and DuckDB types of a table, as Dagster column-schema metadata."""
-    rows = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-        [schema, table],
-    ).fetchall()
-    return dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in rows])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cld_pipeline.lib.identifiers import never_issued_nhs_numbers, never_issued_valid_numbers
+from cld_pipeline.lib.privacy.identifiers import never_issued_nhs_numbers, never_issued_valid_numbers
 from cld_pipeline.reference import LocalAuthority
 from cld_pipeline.synthetic.vocab import Vocabularies
 

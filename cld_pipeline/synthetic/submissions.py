@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from cld_pipeline.lib.identifiers import INWARD_UNIT_LETTERS
+from cld_pipeline.lib.privacy.identifiers import INWARD_UNIT_LETTERS
 from cld_pipeline.reference import LocalAuthority
 from cld_pipeline.spec import load_spec
 from cld_pipeline.synthetic.simulate import EPOCH, NA_DAY, Truth, add_months, to_day

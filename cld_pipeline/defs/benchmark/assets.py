@@ -20,9 +20,10 @@ from cld_pipeline.defs.linked.assets import AUTOMATION, KEYS as LINKED, quarter_
 from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource, ProcessorZoneOutbox
-from cld_pipeline.lib import benchmark
-from cld_pipeline.lib.dashboard import DashboardBuilder
-from cld_pipeline.lib.warehouse import replace_slice, table_schema
+from cld_pipeline.lib.benchmark import build as benchmark
+from cld_pipeline.lib.benchmark.dashboard import DashboardBuilder
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import replace_slice
 
 OWNERS = ["team:cld-benchmarking"]
 MEMORY_LIMIT = "3GB"

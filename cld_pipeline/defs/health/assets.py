@@ -18,10 +18,12 @@ import duckdb
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
-from cld_pipeline.lib import hospital, retention, rights
-from cld_pipeline.lib.pseudonymise import KeyError_
-from cld_pipeline.lib.submission_files import SubmissionRefused, archive_copy, sha256_of, write_refusal
-from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
+from cld_pipeline.lib.linkage import hospital
+from cld_pipeline.lib.privacy import retention, rights
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_
+from cld_pipeline.lib.ingest.submission_files import SubmissionRefused, archive_copy, sha256_of, write_refusal
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import replace_slice, transaction
 
 OWNERS = ["team:cld-linkage"]
 TAGS = {"cld/source": "hospital"}

@@ -14,7 +14,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.health.assets import HEALTH_DIR, ingest_hospital_job, quarantine_hospital_job
 from cld_pipeline.defs.ingest.sensors import scan_arrivals, settle_seconds
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
-from cld_pipeline.lib.hospital import quarter_from_name
+from cld_pipeline.lib.linkage.hospital import quarter_from_name
 
 
 def plan_hospital(cursor: str | None, now: float | None = None, settle: float | None = None,

@@ -18,9 +18,10 @@ from dagster_duckdb import DuckDBResource
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import run_partitions, submission_partitions
 from cld_pipeline.defs.resources import PseudonymisationKey
-from cld_pipeline.lib import raw_store, retention, rights
-from cld_pipeline.lib.pseudonymise import KeyError_
-from cld_pipeline.lib.submission_files import (
+from cld_pipeline.lib.ingest import raw_store
+from cld_pipeline.lib.privacy import retention, rights
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_
+from cld_pipeline.lib.ingest.submission_files import (
     SubmissionRefused,
     archive_copy,
     check_name,
@@ -28,7 +29,7 @@ from cld_pipeline.lib.submission_files import (
     sha256_of,
     write_refusal,
 )
-from cld_pipeline.lib.warehouse import table_schema
+from cld_pipeline.defs.metadata import table_schema
 
 OWNERS = ["team:cld-platform"]
 RAW_SUBMISSIONS = dg.AssetKey(["raw", "submissions"])

@@ -27,7 +27,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.ingest.jobs import ingest_submission_job
 from cld_pipeline.defs.ingest.assets import quarantine_job
 from cld_pipeline.defs.partitions import quarter_partitions, submission_partition_key
-from cld_pipeline.lib.submission_files import SubmissionRefused, check_name, inspect_submission, is_partial_name
+from cld_pipeline.lib.ingest.submission_files import SubmissionRefused, check_name, inspect_submission, is_partial_name
 
 TIME_BUDGET_SECONDS = 30.0
 

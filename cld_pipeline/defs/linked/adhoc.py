@@ -17,8 +17,9 @@ from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
 from cld_pipeline.defs.linked.assets import quarter_period
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
-from cld_pipeline.lib import linkage
-from cld_pipeline.lib.warehouse import table_schema, transaction
+from cld_pipeline.lib.linkage import tables as linkage
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import transaction
 from cld_pipeline.spec import load_spec
 
 COHORT = dg.AssetKey(["analyst", "cohort_linkage"])

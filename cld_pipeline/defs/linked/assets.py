@@ -3,7 +3,7 @@
 Built from every LA's pseudonymised events of the quarter and every hospital extract held, joined on
 the person token (the same keyed hash of the NHS number on both sides). One step writes all the
 quarter's linked tables from shared temporary tables, each replaced for the quarter in one
-transaction. The SQL lives in `lib/linkage.py`, where the window rules are written down.
+transaction. The SQL lives in `lib/linkage/tables.py`, where the window rules are written down.
 """
 
 import datetime as dt
@@ -15,8 +15,9 @@ from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
 from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
-from cld_pipeline.lib import linkage
-from cld_pipeline.lib.warehouse import table_schema, transaction
+from cld_pipeline.lib.linkage import tables as linkage
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import transaction
 
 OWNERS = ["team:cld-linkage"]
 LOW_MATCH_SHARE = 0.75      # an LA below 75% of England's match rate is flagged

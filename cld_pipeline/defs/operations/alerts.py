@@ -17,6 +17,7 @@ import dagster as dg
 from cld_pipeline import settings
 
 MAX_ERROR = 500
+RUNBOOK = 'docs/operations.md, "Runbook: a quarter has failed"'
 
 
 def _partition(tags: dict) -> tuple[str | None, str | None]:
@@ -37,8 +38,8 @@ def build_alert(run: dg.DagsterRun, step_failures: list[tuple[str, str]], run_er
         "file": run.tags.get("cld/file"), "step": step, "error": error,
         "backfill": run.tags.get("dagster/backfill"),
         # One backfill per quarter covers every failed council, however many alerts there are.
-        "what_to_do": (f"See docs/runbook.md; when the cause is fixed: cld-pipeline backfill --quarter {quarter} "
-                       "--failed-only") if quarter else "See docs/runbook.md.",
+        "what_to_do": (f"See {RUNBOOK}; when the cause is fixed: cld-pipeline backfill --quarter {quarter} "
+                       "--failed-only") if quarter else f"See {RUNBOOK}.",
     }
 
 

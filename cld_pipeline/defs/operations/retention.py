@@ -1,7 +1,7 @@
 """`retention_job` and its daily schedule: destroy the data once the data sharing agreement ends.
 
 Before the expiry date (`CLD_DSA_EXPIRES_ON`) the job only reports how long is left; after it, the
-scheduled run destroys everything lib/retention.py lists and writes the destruction certificate.
+scheduled run destroys everything lib/privacy/retention.py lists and writes the destruction certificate.
 `dry_run` lists what would go and deletes nothing (`cld-pipeline retention --dry-run`).
 """
 
@@ -10,7 +10,7 @@ import datetime as dt
 import dagster as dg
 
 from cld_pipeline.defs.resources import LockedDuckDBResource
-from cld_pipeline.lib import audit, retention
+from cld_pipeline.lib.privacy import audit, retention
 
 
 class RetentionConfig(dg.Config):

@@ -23,10 +23,11 @@ from cld_pipeline.defs.partitions import (
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
 from cld_pipeline.defs.validate.assets import current_submissions
-from cld_pipeline.lib import rights
-from cld_pipeline.lib.pseudonymise import KeyError_, hmac_sql, person_token_sql
+from cld_pipeline.lib.privacy import rights
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_, hmac_sql, person_token_sql
 from cld_pipeline.lib.validation.store import unusable_submissions
-from cld_pipeline.lib.warehouse import replace_slice, table_schema, transaction
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import replace_slice, transaction
 from cld_pipeline.spec import load_spec
 
 OWNERS = ["team:cld-platform"]

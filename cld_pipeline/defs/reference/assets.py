@@ -12,7 +12,8 @@ import dagster as dg
 import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
-from cld_pipeline.lib.warehouse import replace_table, table_schema
+from cld_pipeline.defs.metadata import table_schema
+from cld_pipeline.lib.warehouse import replace_table
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
 

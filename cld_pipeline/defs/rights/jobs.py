@@ -11,18 +11,23 @@ are marked stale by the materialisations the job reports on the layers it change
 import json
 import shutil
 
+import time
+
 import dagster as dg
+from dagster._core.execution.backfill import PartitionBackfill   # the UI's own way to create a backfill
+from dagster._core.utils import make_new_backfill_id
 
 from cld_pipeline import settings
 from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES, VALIDATED_EPISODES
 from cld_pipeline.defs.ingest.assets import RAW_EVENTS
-from cld_pipeline.defs.partitions import submission_partition_key
+from cld_pipeline.defs.partitions import QUARTER_GROUPS, submission_partition_key
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
 from cld_pipeline.defs.validate.assets import DQ_FLAGS, EVENTS as VALIDATED_EVENTS, REJECTIONS
-from cld_pipeline.lib import audit, raw_store, rights
-from cld_pipeline.lib import rights_actions as actions
-from cld_pipeline.lib.pseudonymise import KeyError_
+from cld_pipeline.lib.privacy import audit, rights
+from cld_pipeline.lib.ingest import raw_store
+from cld_pipeline.lib.privacy import rights_actions as actions
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_
 from cld_pipeline.lib.warehouse import transaction
 
 SUBMISSION_REBUILD = [VALIDATED_EVENTS, REJECTIONS, DQ_FLAGS, PSEUDONYMISED_EVENTS]
@@ -100,6 +105,34 @@ def apply_request(request_id: str, identifiable_db: LockedDuckDBResource, analyt
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def launch_rebuild_backfills(instance: dg.DagsterInstance, summary: dict, request_id: str) -> list[str]:
+    """After a rights request (launched from the UI): backfills that rebuild the LA partitions and
+    hospital quarters it touched, and the linked and benchmark tables downstream of them."""
+    from cld_pipeline.definitions import defs as load_defs
+
+    asset_graph = load_defs().resolve_asset_graph()
+    downstream = sorted((k for k in asset_graph.get_all_asset_keys() if asset_graph.get(k).group_name in QUARTER_GROUPS),
+                        key=lambda k: k.to_user_string())
+    plans = []
+    if summary["partitions"]:
+        names = [str(submission_partition_key(la, quarter))
+                 for quarter, la in (p.split(" x ") for p in summary["partitions"])]
+        plans.append((names, SUBMISSION_REBUILD + downstream))
+    if summary["hospital_quarters"]:
+        plans.append((summary["hospital_quarters"], [PSEUDONYMISED_EPISODES]))
+    ids = []
+    for names, selection in plans:
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=make_new_backfill_id(), asset_graph=asset_graph, partition_names=names,
+            asset_selection=selection, backfill_timestamp=time.time(),
+            tags={"cld/rights_request": request_id, "cld/backfill": "rights"}, dynamic_partitions_store=instance,
+            all_partitions=False, title=f"Rights request {request_id}: rebuild", description="Launched by rights_job",
+            run_config=None)
+        instance.add_backfill(backfill)
+        ids.append(backfill.backfill_id)
+    return ids
+
+
 @dg.op(description="Apply one lodged data-subject rights request (copy, restrict, unrestrict, object, erase) "
                    "in both zones; affected partitions are marked stale and rebuilt.",
        out=dg.Out(dict, description="What was touched: partitions, quarters, rows per table (no identifiers)."))
@@ -128,8 +161,6 @@ def apply_rights_request(context: dg.OpExecutionContext, config: RightsRequest, 
             yield dg.AssetMaterialization(asset_key=VALIDATED_EPISODES, partition=quarter, metadata=meta,
                                           description=f"Rights request {config.request_id} ({action})")
     if config.rebuild == "backfill" and action != "copy":
-        from cld_pipeline.backfill import launch_rebuild_backfills
-
         ids = launch_rebuild_backfills(context.instance, summary, config.request_id)
         context.log.info(f"backfills started for the rebuild: {', '.join(ids) or 'none needed'}")
     yield dg.Output(summary)

@@ -20,12 +20,13 @@ from cld_pipeline import settings
 from cld_pipeline.defs.ingest.assets import RAW_EVENTS, RAW_SUBMISSIONS
 from cld_pipeline.defs.partitions import run_partitions, submission_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
-from cld_pipeline.lib import raw_store, rights
-from cld_pipeline.lib.pseudonymise import KeyError_
+from cld_pipeline.lib.ingest import raw_store
+from cld_pipeline.lib.privacy import rights
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_
 from cld_pipeline.lib.validation import store
 from cld_pipeline.lib.validation.engine import SubmissionContext, validate_submissions
 from cld_pipeline.lib.validation.report import ReportWriter
-from cld_pipeline.lib.warehouse import table_schema
+from cld_pipeline.defs.metadata import table_schema
 from cld_pipeline.reference import load_local_authorities
 
 OWNERS = ["team:cld-platform"]

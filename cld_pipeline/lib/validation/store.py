@@ -23,7 +23,7 @@ def replace_partitions(con: duckdb.DuckDBPyConnection, submissions: list[dict], 
     files in `work`), all in one transaction; then flag the rows of people under a restriction
     (`ring`: the keys to match the rights register, needed only when a restriction is active).
     Returns the rows restricted."""
-    from cld_pipeline.lib.rights import ensure_restriction_column, flag_restricted
+    from cld_pipeline.lib.privacy.rights import ensure_restriction_column, flag_restricted
 
     con.execute("CREATE SCHEMA IF NOT EXISTS validated")
     for table in TABLES:

@@ -4,7 +4,7 @@
 carries the SHA-256 of the previous entry and of itself, so an edited or deleted entry breaks the
 chain (`verify`). Entries hold request ids, asset keys, partition keys, row counts and run ids,
 never an identifier or a token. Dagster runs and materialisations are copied in from the instance's
-event log by `sync_dagster` (the audit sensor under the daemon, and every CLI command), so runs
+event log by `defs/operations/audit.py`'s `sync_dagster` (the audit sensor under the daemon, and every CLI command), so runs
 started by a sensor, a backfill, the UI or the CLI are all recorded the same way.
 """
 
@@ -71,7 +71,7 @@ def verify(con: duckdb.DuckDBPyConnection) -> int | None:
     return None
 
 
-def _who(tags: dict) -> tuple[str, str]:
+def who(tags: dict) -> tuple[str, str]:
     """(actor, purpose) of a Dagster run from its tags."""
     if "cld/actor" in tags:
         return tags["cld/actor"], tags.get("cld/purpose", "operator command")
@@ -82,37 +82,6 @@ def _who(tags: dict) -> tuple[str, str]:
     if "dagster/backfill" in tags:
         return f"backfill:{tags['dagster/backfill']}", "backfill"
     return tags.get("user", "dagster-ui"), tags.get("cld/purpose", "launched from the Dagster UI")
-
-
-def sync_dagster(instance, con: duckdb.DuckDBPyConnection) -> int:
-    """Append one entry per finished run and per materialisation it made, for runs not yet
-    recorded; returns the entries added."""
-    import dagster as dg
-
-    ensure_schema(con)
-    recorded = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM audit.log WHERE action = 'run'").fetchall()}
-    since = con.execute("SELECT max(logged_at) FROM audit.log WHERE action = 'run'").fetchall()[0][0]
-    statuses = [dg.DagsterRunStatus[s] for s in FINISHED]
-    filters = dg.RunsFilter(statuses=statuses,
-                            updated_after=(since - dt.timedelta(days=1)).replace(tzinfo=dt.timezone.utc) if since else None)
-    added = 0
-    for record in sorted(instance.get_run_records(filters=filters), key=lambda r: r.create_timestamp):
-        run = record.dagster_run
-        if run.run_id in recorded:
-            continue
-        actor, purpose = _who(run.tags)
-        ended = (record.end_time and dt.datetime.fromtimestamp(record.end_time, dt.timezone.utc)) or None
-        tags = {k: v for k, v in run.tags.items() if k.startswith(("cld/", "dagster/partition", "dagster/backfill"))}
-        for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
-            m = event.asset_materialization
-            rows = m.metadata.get("dagster/row_count")
-            append(con, "materialisation", m.asset_key.to_user_string(),
-                   {"partition": m.partition, "rows": rows.value if rows is not None else None}, actor, purpose,
-                   run.run_id, dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc))
-            added += 1
-        append(con, "run", run.job_name, {"status": run.status.value, "tags": tags}, actor, purpose, run.run_id, ended)
-        added += 1
-    return added
 
 
 def entries(con: duckdb.DuckDBPyConnection, action: str | None = None, limit: int | None = None) -> list[dict]:

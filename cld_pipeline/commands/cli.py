@@ -8,6 +8,7 @@
     cld-pipeline audit [--action A] [--limit N] [--verify]
     cld-pipeline retention [--dry-run] [--today DATE]
     cld-pipeline spec-docs [--check]
+    cld-pipeline instance [--refresh]   prepare $DAGSTER_HOME for this environment
 """
 
 from __future__ import annotations
@@ -91,16 +92,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cld_pipeline.headless import process_landing
-    from cld_pipeline.lib.pseudonymise import KeyError_, load_key
+    from cld_pipeline.commands.run import process_landing
+    from cld_pipeline import environment
+    from cld_pipeline.lib.privacy.pseudonymise import KeyError_
 
     try:  # refuse before landing anything rather than fail every pseudonymisation run
-        load_key(os.environ.get("CLD_PSEUDO_KEY"), os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
-                 os.environ.get("CLD_ENVIRONMENT", "development"), settings.data_dir())
+        environment.load_pseudonymisation_key()
     except KeyError_ as err:
         print(f"cld-pipeline run: {err}", file=sys.stderr)
         return 2
-    from cld_pipeline.lib.retention import AgreementEnded, assert_processing_allowed
+    from cld_pipeline.lib.privacy.retention import AgreementEnded, assert_processing_allowed
 
     try:
         assert_processing_allowed()
@@ -130,8 +131,8 @@ def _spec_docs(args: argparse.Namespace) -> int:
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from cld_pipeline.backfill import BackfillRefused, daemon_is_running, launch_backfill, quarter_status
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands.backfill import BackfillRefused, daemon_is_running, launch_backfill, quarter_status
+    from cld_pipeline.commands.run import prepare_instance
 
     instance = prepare_instance()
     try:
@@ -154,10 +155,10 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _rights(args: argparse.Namespace) -> int:
-    from cld_pipeline import subject_rights
-    from cld_pipeline.lib import rights
-    from cld_pipeline.lib.audit import current_actor
-    from cld_pipeline.lib.pseudonymise import KeyError_
+    from cld_pipeline.commands import rights as subject_rights
+    from cld_pipeline.lib.privacy import rights
+    from cld_pipeline.lib.privacy.audit import current_actor
+    from cld_pipeline.lib.privacy.pseudonymise import KeyError_
 
     try:
         if args.action == "list":
@@ -191,9 +192,10 @@ def _rights(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from cld_pipeline import subject_rights
-    from cld_pipeline.headless import prepare_instance
-    from cld_pipeline.lib import audit, retention
+    from cld_pipeline.defs.operations.audit import sync_dagster
+    from cld_pipeline.commands import rights as subject_rights
+    from cld_pipeline.commands.run import prepare_instance
+    from cld_pipeline.lib.privacy import audit, retention
 
     if retention.destroyed():
         print("The data was destroyed; the audit log is exported beside the certificate in destruction/.")
@@ -201,7 +203,7 @@ def _audit(args: argparse.Namespace) -> int:
     instance = prepare_instance()
     identifiable, _ = subject_rights._zones()
     with identifiable.get_connection() as con:
-        audit.sync_dagster(instance, con)
+        sync_dagster(instance, con)
         if args.verify:
             broken = audit.verify(con)
             print("audit log chain intact" if broken is None else f"audit log chain broken at entry {broken}")
@@ -218,19 +220,19 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _retention(args: argparse.Namespace) -> int:
     from cld_pipeline.definitions import defs as load_defs
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands.run import prepare_instance
 
     config = {"dry_run": args.dry_run, "today": str(args.today) if args.today else ""}
     result = load_defs().resolve_job_def("retention_job").execute_in_process(
         run_config={"ops": {"destroy_expired_data": {"config": config}}}, instance=prepare_instance(),
         tags={"cld/actor": os.environ.get("CLD_ACTOR") or "cli", "cld/purpose": "retention"}, raise_on_error=False)
     if not result.success:
-        from cld_pipeline.headless import _failure_message
+        from cld_pipeline.commands.run import _failure_message
 
         print(f"cld-pipeline retention: {_failure_message(result)}", file=sys.stderr)
         return 1
     if args.dry_run:
-        from cld_pipeline.lib import retention
+        from cld_pipeline.lib.privacy import retention
 
         print(json.dumps(retention.destroy(dry_run=True, today=args.today), indent=2, default=str))
     else:
@@ -238,14 +240,24 @@ def _retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instance(args: argparse.Namespace) -> int:
+    from cld_pipeline import environment
+
+    env = environment.current()
+    if args.refresh:   # `make run`: the profile in the repository wins over an edited copy
+        env = environment.Environment(**{**env.__dict__, "profile_chosen": True})
+    print(environment.prepare_dagster_home(env))
+    return 0
+
+
 def rights_actions() -> tuple[str, ...]:
-    from cld_pipeline.lib.rights import ACTIONS
+    from cld_pipeline.lib.privacy.rights import ACTIONS
 
     return ACTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cld_pipeline import bench
+    from cld_pipeline.commands import bench
 
     parser = argparse.ArgumentParser(prog="cld-pipeline", description="Adult Social Care Client Level Data pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--latency", action="store_true",
                     help="also time median-sized national files from landing to pseudonymised with the daemon running")
     bn.set_defaults(func=lambda a: bench.main(a.scale or list(bench.SCALES), a.repeat, a.latency))
+
+    inst = sub.add_parser("instance", help="prepare $DAGSTER_HOME with this environment's dagster.yaml and print it")
+    inst.add_argument("--refresh", action="store_true", help="replace an existing dagster.yaml with the profile's")
+    inst.set_defaults(func=_instance)
 
     docs = sub.add_parser("spec-docs", help="write docs/cld-fields.md from the specification in code")
     docs.add_argument("--check", action="store_true", help="fail if the committed document is out of date")

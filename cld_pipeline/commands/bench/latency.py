@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from cld_pipeline.environment import INSTANCE_PROFILES, PROJECT_ROOT as ROOT
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -34,7 +34,7 @@ def _wait(predicate, timeout: float, what: str):
 def measure(source: Path, work: Path, arrivals: int = 3) -> dict:
     import dagster as dg
 
-    from cld_pipeline.lib.submission_files import inspect_submission
+    from cld_pipeline.lib.ingest.submission_files import inspect_submission
 
     files = sorted((source / "landing").glob("*.csv"), key=lambda f: f.stat().st_size)
     middle = len(files) // 2
@@ -43,7 +43,7 @@ def measure(source: Path, work: Path, arrivals: int = 3) -> dict:
     (work / "landing").mkdir(parents=True)
     home = work / "dagster_home"
     home.mkdir()
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(INSTANCE_PROFILES["local"], home / "dagster.yaml")
     env = {**os.environ, "CLD_DATA_DIR": str(work), "DAGSTER_HOME": str(home), "CLD_ENVIRONMENT": "development"}
     env.pop("CLD_PSEUDO_KEY", None)
     daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],

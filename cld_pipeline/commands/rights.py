@@ -9,21 +9,15 @@ databases for the person's identifiers and tokens.
 
 from __future__ import annotations
 
-import os
 import time
 
 import dagster as dg
 
 from cld_pipeline import settings
-from cld_pipeline.lib import audit, rights
-from cld_pipeline.lib import rights_actions as actions
-from cld_pipeline.lib.pseudonymise import load_key, load_ring
-
-
-def _ring():
-    key = load_key(os.environ.get("CLD_PSEUDO_KEY"), os.environ.get("CLD_PSEUDO_KEY_VERSION", "1"),
-                   os.environ.get("CLD_ENVIRONMENT", "development"), settings.data_dir())
-    return load_ring(key, os.environ.get("CLD_PSEUDO_KEY_PREVIOUS"))
+from cld_pipeline.defs.operations.audit import sync_dagster
+from cld_pipeline.lib.privacy import audit, rights
+from cld_pipeline.lib.privacy import rights_actions as actions
+from cld_pipeline.environment import load_pseudonymisation_ring as _ring
 
 
 def _zones():
@@ -42,7 +36,7 @@ def lodge(action: str, person: rights.Person, requested_by: str, reason: str) ->
 def carry_out(request_id: str, instance: dg.DagsterInstance | None = None, log=print) -> dict:
     """Apply a lodged request in-process, rebuild what it touched, verify, and audit."""
     from cld_pipeline.definitions import defs as load_defs
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands.run import prepare_instance
 
     instance = instance or prepare_instance()
     defs = load_defs()
@@ -59,7 +53,7 @@ def carry_out(request_id: str, instance: dg.DagsterInstance | None = None, log=p
         run_config={"ops": {"apply_rights_request": {"config": {"request_id": request_id, "rebuild": "none"}}}},
         instance=instance, tags=tags, raise_on_error=False)
     if not result.success:
-        from cld_pipeline.headless import _failure_message
+        from cld_pipeline.commands.run import _failure_message
 
         raise rights.RightsError(f"{request_id} was not applied: {_failure_message(result)}")
     summary = result.output_for_node("apply_rights_request")
@@ -73,7 +67,7 @@ def carry_out(request_id: str, instance: dg.DagsterInstance | None = None, log=p
             audit.append(con, f"rights:{action}:verified", request_id,
                          {"remaining": out["verification"], "rebuilt": len(rebuilt), "rebuild_failed": failed},
                          actor, f"rights request {request_id}")
-        audit.sync_dagster(instance, con)
+        sync_dagster(instance, con)
     return out
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from cld_pipeline.lib import dhsc, disclosure, measures
+from cld_pipeline.lib.benchmark import dhsc, measures
+from cld_pipeline.lib.privacy import disclosure
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
 

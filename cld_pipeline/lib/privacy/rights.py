@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from cld_pipeline.lib.identifiers import is_valid_nhs_number, normalise_nhs_number
-from cld_pipeline.lib.pseudonymise import PseudoKey, hmac_sql, token
+from cld_pipeline.lib.privacy.identifiers import is_valid_nhs_number, normalise_nhs_number
+from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, hmac_sql, token
 from cld_pipeline.spec import load_spec
 
 ACTIONS = ("copy", "restrict", "unrestrict", "object", "erase")
@@ -230,7 +230,7 @@ def check_free_text(label: str, text: str) -> str:
     """Reasons and names go into the audit log: refuse anything that looks like an identifier."""
     import re
 
-    from cld_pipeline.lib.identifiers import POSTCODE_RE
+    from cld_pipeline.lib.privacy.identifiers import POSTCODE_RE
 
     text = " ".join(text.split())
     if not text:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cld_pipeline.lib.pseudonymise import person_token_sql
-from cld_pipeline.lib.submission_files import (
+from cld_pipeline.lib.privacy.pseudonymise import person_token_sql
+from cld_pipeline.lib.ingest.submission_files import (
     SubmissionRefused, parse_date, quarter_of, read_header, read_submission, scan_bytes,
 )
 from cld_pipeline.lib.validation.prepare import nhs_check_sql

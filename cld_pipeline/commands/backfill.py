@@ -18,10 +18,11 @@ from dagster._core.execution.backfill import PartitionBackfill   # the UI's own 
 from dagster._core.storage.partition_status_cache import AssetPartitionStatus
 from dagster._core.utils import make_new_backfill_id
 
+from cld_pipeline.defs.partitions import QUARTER_GROUPS
+
 SUBMISSION_CHAIN = [dg.AssetKey(k) for k in (["raw", "submissions"], ["raw", "events"], ["validated", "events"],
                                              ["validated", "rejections"], ["validated", "dq_flags"],
                                              ["pseudonymised", "events"])]
-QUARTER_GROUPS = ("linked", "benchmark")
 
 
 class BackfillRefused(RuntimeError):
@@ -85,7 +86,7 @@ def launch_backfill(quarter: str, la: str | None = None, failed_only: bool = Fal
     """Create the backfill; returns its id and the LAs it covers."""
     from cld_pipeline.definitions import defs as load_defs
     from cld_pipeline.defs.partitions import submission_partition_key
-    from cld_pipeline.headless import prepare_instance
+    from cld_pipeline.commands.run import prepare_instance
     from cld_pipeline.reference import load_local_authorities
 
     instance = instance or prepare_instance()
@@ -126,34 +127,3 @@ def daemon_is_running(instance: dg.DagsterInstance, within_seconds: float = 120)
     beats = instance.get_daemon_heartbeats()
     beat = beats.get("BACKFILL")
     return bool(beat and time.time() - beat.timestamp < within_seconds)
-
-
-def launch_rebuild_backfills(instance: dg.DagsterInstance, summary: dict, request_id: str) -> list[str]:
-    """After a rights request (launched from the UI): backfills that rebuild the LA partitions and
-    hospital quarters it touched, and the linked and benchmark tables downstream of them."""
-    from cld_pipeline.definitions import defs as load_defs
-    from cld_pipeline.defs.partitions import submission_partition_key
-    from cld_pipeline.defs.rights.jobs import SUBMISSION_REBUILD
-    from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
-
-    asset_graph = load_defs().resolve_asset_graph()
-    downstream = sorted((k for k in asset_graph.get_all_asset_keys() if asset_graph.get(k).group_name in QUARTER_GROUPS),
-                        key=lambda k: k.to_user_string())
-    plans = []
-    if summary["partitions"]:
-        names = [str(submission_partition_key(la, quarter))
-                 for quarter, la in (p.split(" x ") for p in summary["partitions"])]
-        plans.append((names, SUBMISSION_REBUILD + downstream))
-    if summary["hospital_quarters"]:
-        plans.append((summary["hospital_quarters"], [PSEUDONYMISED_EPISODES]))
-    ids = []
-    for names, selection in plans:
-        backfill = PartitionBackfill.from_asset_partitions(
-            backfill_id=make_new_backfill_id(), asset_graph=asset_graph, partition_names=names,
-            asset_selection=selection, backfill_timestamp=time.time(),
-            tags={"cld/rights_request": request_id, "cld/backfill": "rights"}, dynamic_partitions_store=instance,
-            all_partitions=False, title=f"Rights request {request_id}: rebuild", description="Launched by rights_job",
-            run_config=None)
-        instance.add_backfill(backfill)
-        ids.append(backfill.backfill_id)
-    return ids

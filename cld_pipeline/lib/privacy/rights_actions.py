@@ -20,9 +20,9 @@ from pathlib import Path
 
 import duckdb
 
-from cld_pipeline.lib import rights
-from cld_pipeline.lib.pseudonymise import PseudoKey
-from cld_pipeline.lib.rights import la_message_sql, nhs_message_sql
+from cld_pipeline.lib.privacy import rights
+from cld_pipeline.lib.privacy.pseudonymise import PseudoKey
+from cld_pipeline.lib.privacy.rights import la_message_sql, nhs_message_sql
 
 HELD_SCHEMA = "rights_hold"
 

@@ -11,46 +11,25 @@ automation sensor would under the daemon.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dagster as dg
 
-from cld_pipeline import settings
-
-ROOT = Path(__file__).resolve().parents[1]
-ROOT_DAGSTER_YAML = ROOT / "dagster.yaml"
-PROFILES = {"local": ROOT_DAGSTER_YAML, "production": ROOT / "deploy" / "dagster.production.yaml"}
-
-
-def instance_profile() -> Path:
-    """The dagster.yaml to use: `CLD_DAGSTER_PROFILE` = `local` (embedded SQLite, the default) or
-    `production` (PostgreSQL storage and the queued run coordinator, deploy/dagster.production.yaml)."""
-    name = os.environ.get("CLD_DAGSTER_PROFILE", "local")
-    if name not in PROFILES:
-        raise SystemExit(f"CLD_DAGSTER_PROFILE={name!r}: use one of {', '.join(PROFILES)}")
-    return PROFILES[name]
+from cld_pipeline import environment, settings
+from cld_pipeline.defs.operations.audit import sync_dagster
 
 
 def prepare_instance() -> dg.DagsterInstance:
-    """`$DAGSTER_HOME` (default `$CLD_DATA_DIR/dagster_home`) with the chosen profile's dagster.yaml
-    (an explicitly chosen profile replaces what is there, so a changed setting takes effect)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir() / "dagster_home")
-    home.mkdir(parents=True, exist_ok=True)
-    profile = instance_profile()
-    if profile.exists() and (not (home / "dagster.yaml").exists() or "CLD_DAGSTER_PROFILE" in os.environ):
-        shutil.copyfile(profile, home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
+    """The Dagster instance of this environment (environment.prepare_dagster_home)."""
+    environment.prepare_dagster_home()
     return dg.DagsterInstance.get()
 
 
 def headless_tags() -> dict[str, str]:
     """Who and why, for the audit log."""
-    from cld_pipeline.lib.audit import current_actor
+    from cld_pipeline.lib.privacy.audit import current_actor
 
     return {"cld/actor": current_actor(), "cld/purpose": "cld-pipeline run (headless processing of the landing folder)"}
 
@@ -256,10 +235,9 @@ def _run_quarter_job(job, instance: dg.DagsterInstance, quarter: str, summary: R
 def sync_audit(instance: dg.DagsterInstance | None = None) -> None:
     """Copy the finished runs into the audit log (the audit sensor does this under the daemon)."""
     from cld_pipeline.defs.resources import LockedDuckDBResource
-    from cld_pipeline.lib import audit
 
     with LockedDuckDBResource(database=str(settings.identifiable_db_path())).get_connection() as con:
-        audit.sync_dagster(instance or prepare_instance(), con)
+        sync_dagster(instance or prepare_instance(), con)
 
 
 def _failure_message(result) -> str:

@@ -7,7 +7,7 @@ and event type, date order), computes the HMAC person token in SQL with the same
 processor and analysts' databases, and counts events and people by LA, region and England with
 rounding to 5 and 1-7 suppressed. Threads 2 and a 3 GB memory limit, as the pipeline's steps.
 
-    python -m cld_pipeline.bench_baseline <landing folder> <work folder>   # prints stage seconds as JSON
+    python -m cld_pipeline.commands.bench.baseline <landing folder> <work folder>   # prints stage seconds as JSON
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 
 def main(landing: Path, work: Path) -> dict:
-    from cld_pipeline.lib.pseudonymise import PseudoKey, person_token_sql
+    from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, person_token_sql
     from cld_pipeline.lib.validation.prepare import mapping_table, prepare_sql
     from cld_pipeline.reference import load_local_authorities
     from cld_pipeline.spec import load_spec, normalise_header

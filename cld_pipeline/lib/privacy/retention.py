@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cld_pipeline import settings
-from cld_pipeline.lib.pseudonymise import DEV_KEY_FILE
+from cld_pipeline.lib.privacy.pseudonymise import DEV_KEY_FILE
 
 DEFAULT_DSA_ID = "DSA-CLD-SYNTHETIC-0001"
 DEFAULT_EXPIRES_ON = dt.date(2031, 3, 31)
@@ -110,7 +110,7 @@ def destroy(dry_run: bool = True, today: dt.date | None = None, actor: str | Non
             audit_export=None) -> dict:
     """Destroy (or, dry, list) the data once the agreement has passed. `audit_export(path)` writes the
     audit log to `path` before the databases go. Returns the certificate (or the dry-run listing)."""
-    from cld_pipeline.lib.audit import current_actor
+    from cld_pipeline.lib.privacy.audit import current_actor
 
     root = settings.data_dir()
     dsa = agreement()

@@ -6,7 +6,7 @@ fresh data folder and runs `cld-pipeline run` (the same Dagster jobs as the sens
 child process. A sampler reads the child process tree's resident memory from /proc every 0.2 s; the
 Dagster instance's step statistics give each layer's wall time, so each layer gets its rows, seconds,
 rows a second and the peak memory while it ran. Per-run overhead is the run's wall time not spent in
-steps. The baseline (`bench_baseline.py`) does the same work as one hand-written DuckDB script in a
+steps. The baseline (`commands/bench/baseline.py`) does the same work as one hand-written DuckDB script in a
 child process, and the ratio pipeline / baseline is reported per layer and overall.
 
 Results: `bench/results.json` and `bench/results.md` (medians of the repetitions).
@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from cld_pipeline.environment import PROJECT_ROOT as ROOT
+
 BENCH = ROOT / "bench"
 SCALES = {"100k": 100_000, "1m": 1_000_000, "8m": 8_000_000}
 SMOKE = {"10k": 10_000}      # a quick check of the harness itself, not in the default set
@@ -92,7 +93,7 @@ def generate(scale: str, rows: int) -> Path:
     if (source / "synthetic" / "manifest.json").exists():
         return source
     shutil.rmtree(source, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "cld_pipeline.cli", "generate", "--scale", "national", "--rows", str(rows),
+    subprocess.run([sys.executable, "-m", "cld_pipeline.commands.cli", "generate", "--scale", "national", "--rows", str(rows),
                     "--data-dir", str(source), "--quiet"], check=True, stdout=subprocess.DEVNULL)
     return source
 
@@ -104,7 +105,7 @@ def pipeline_run(source: Path, scale: str, rep: int) -> dict:
     env = {**os.environ, "CLD_DATA_DIR": str(target), "DAGSTER_HOME": str(target / "dagster_home"),
            "CLD_ENVIRONMENT": "development"}
     env.pop("CLD_PSEUDO_KEY", None)
-    seconds, sampler, done = run_measured([sys.executable, "-m", "cld_pipeline.cli", "run", "--quiet"], env)
+    seconds, sampler, done = run_measured([sys.executable, "-m", "cld_pipeline.commands.cli", "run", "--quiet"], env)
     if done.returncode != 0:
         raise RuntimeError(f"pipeline run failed at {scale}: {done.stderr[-2000:]}")
     layers = layer_stats(target, sampler)
@@ -199,7 +200,7 @@ def baseline_run(source: Path, scale: str) -> dict:
     target = BENCH / "work" / scale / "baseline"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    seconds, sampler, done = run_measured([sys.executable, "-m", "cld_pipeline.bench_baseline",
+    seconds, sampler, done = run_measured([sys.executable, "-m", "cld_pipeline.commands.bench.baseline",
                                            str(source / "landing"), str(target)], dict(os.environ))
     if done.returncode != 0:
         raise RuntimeError(f"baseline failed at {scale}: {done.stderr[-2000:]}")
@@ -240,7 +241,7 @@ def main(scales: list[str], repeat: int, latency: bool = False) -> int:
         (BENCH / "results.md").write_text(markdown(results))
         print(f"{scale}: pipeline {pipeline['seconds']} s, baseline {baseline['seconds']} s, ratio {ratios['total']}")
     if latency:   # a median-sized council's file at national scale, with the daemon
-        from cld_pipeline import bench_latency
+        from cld_pipeline.commands.bench import latency as bench_latency
 
         results["latency"] = {**bench_latency.measure(generate("8m", SCALES["8m"]), BENCH / "work" / "latency"),
                               "measured_at": time.strftime("%Y-%m-%d %H:%M")}

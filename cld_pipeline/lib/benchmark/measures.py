@@ -1,16 +1,16 @@
 """Benchmark measures (domain/outputs-and-measures.md) as DuckDB SQL over DHSC's main tables.
 
-Relations used: `single` and `joined` (lib/dhsc.py main tables), `persons` (latest person details,
+Relations used: `single` and `joined` (lib/benchmark/dhsc.py main tables), `persons` (latest person details,
 method 7), `population` (la_code, pop_18_64, pop_65_plus, pop_18_plus); parameters `$period_start`
 and `$period_end` (the 12-month year). Every ASCOF builder returns LA-level rows
 (la_code, measure, measure_group, numerator, denominator); region and England are sums of LA
 numerators and denominators (never averages of rates). Values are computed after disclosure control
-(lib/disclosure.py) from the rounded parts, with DHSC's rounding.
+(lib/privacy/disclosure.py) from the rounded parts, with DHSC's rounding.
 """
 
 from __future__ import annotations
 
-from cld_pipeline.lib.dhsc import OPEN_END, group_of, is_event, rank_of, value, values
+from cld_pipeline.lib.benchmark.dhsc import OPEN_END, group_of, is_event, rank_of, value, values
 from cld_pipeline.spec import load_spec
 
 # ASCOF 2A relabels "other short term" with a short-term residential or nursing component.

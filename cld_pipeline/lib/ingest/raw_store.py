@@ -113,7 +113,7 @@ def load_submission(con: duckdb.DuckDBPyConnection, receipt: Receipt, records: p
     register's suppression list (`ring`: the keys to match it, needed only when it is not empty),
     then settle which submission of the partition is current (latest arrival wins; the rest are
     superseded). One transaction. Returns the partition's current submission id and the rows left out."""
-    from cld_pipeline.lib.rights import suppress_submission
+    from cld_pipeline.lib.privacy.rights import suppress_submission
 
     spec = load_spec()
     con.register("incoming_records", records)

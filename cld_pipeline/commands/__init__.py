@@ -1,0 +1,1 @@
+"""The `cld-pipeline` command and its programs: run, backfill, rights, bench (`cli.main` is the entry point)."""

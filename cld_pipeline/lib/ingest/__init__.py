@@ -1,0 +1,1 @@
+"""Receiving files: the checks that refuse a file whole, lossless parsing, the raw tables."""

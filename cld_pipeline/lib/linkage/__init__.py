@@ -1,0 +1,1 @@
+"""Health linkage: hospital extracts (read, validated, pseudonymised) and the linked tables' SQL."""

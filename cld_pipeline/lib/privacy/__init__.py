@@ -1,0 +1,1 @@
+"""Privacy: identifier rules, pseudonymisation, disclosure control, data-subject rights, retention, audit."""
