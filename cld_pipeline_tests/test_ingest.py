@@ -93,7 +93,7 @@ def test_two_files_at_once_are_two_runs(data_dir):
 def test_a_file_still_being_written_waits_until_it_settles(data_dir):
     path = submission(data_dir / "landing", "growing.csv", mtime=time.time())
     (data_dir / "landing" / "upload.csv.part").write_text("partial")
-    (data_dir / "landing" / ".hidden.csv").write_text("partial")
+    (data_dir / "landing" / ".growing.csv.Xy12Zq").write_text("partial")   # rsync's temporary name
     with dg.instance_for_test() as instance:
         first, cursor = tick(instance)
         assert not first.run_requests and "still being written" in first.skip_reason.skip_message

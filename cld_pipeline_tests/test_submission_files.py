@@ -129,7 +129,13 @@ def test_names_that_could_escape_the_folder(tmp_path):
         check_name(landing, "link.csv")
     assert caught.value.reason == "file_outside_landing"
     assert check_name(landing, "CLD 714 (v2).csv") == landing / "CLD 714 (v2).csv"
-    assert is_partial_name(".hidden.csv") and is_partial_name("a.csv.part") and not is_partial_name("a.csv")
+    assert is_partial_name("a.csv.part") and is_partial_name(".a.csv.Xy12Zq") and not is_partial_name("a.csv")
+    # A hidden name ending in .csv is no transfer tool's temporary file: it is refused, not left waiting.
+    assert not is_partial_name(".hidden.csv") and not is_partial_name("..x.csv")
+    for name in (".hidden.csv", "..x.csv"):
+        with pytest.raises(SubmissionRefused) as caught:
+            check_name(landing, name)
+        assert caught.value.reason == "unsafe_file_name"
 
 
 def test_malformed_records_are_kept_whole(tmp_path):

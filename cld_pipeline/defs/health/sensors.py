@@ -5,7 +5,6 @@ keys with the file's size and time). Extracts are national files of a million ro
 sensor reads only names; the run checks the content.
 """
 
-import datetime as dt
 import time
 
 import dagster as dg
@@ -14,6 +13,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.health.assets import HEALTH_DIR, ingest_hospital_job, quarantine_hospital_job
 from cld_pipeline.defs.ingest.sensors import scan_arrivals, settle_seconds
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
+from cld_pipeline.lib.ingest.submission_files import received_time
 from cld_pipeline.lib.linkage.hospital import quarter_from_name
 
 
@@ -25,7 +25,7 @@ def plan_hospital(cursor: str | None, now: float | None = None, settle: float | 
     arrivals = scan_arrivals(settings.landing_dir() / HEALTH_DIR, cursor, now, settle)
     requests, new_quarters = [], set()
     for name, stat, fp in arrivals.ready:
-        received_at = dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).replace(tzinfo=None).isoformat()
+        received_at = received_time(stat.st_mtime, now).isoformat()
         config = {"file_name": name, "received_at": received_at}
         quarter = quarter_from_name(name)
         if quarter is None:

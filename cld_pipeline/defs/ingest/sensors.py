@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import time
@@ -27,7 +26,14 @@ from cld_pipeline import settings
 from cld_pipeline.defs.ingest.jobs import ingest_submission_job
 from cld_pipeline.defs.ingest.assets import quarantine_job
 from cld_pipeline.defs.partitions import quarter_partitions, submission_partition_key
-from cld_pipeline.lib.ingest.submission_files import SubmissionRefused, check_name, inspect_submission, is_partial_name
+from cld_pipeline.lib.ingest.submission_files import (
+    SubmissionRefused,
+    check_name,
+    inspect_submission,
+    is_partial_name,
+    received_time,
+    unreadable,
+)
 
 TIME_BUDGET_SECONDS = 30.0
 
@@ -78,7 +84,8 @@ def scan_arrivals(folder: Path, cursor: str | None, now: float, settle: float) -
         fp = _fingerprint(stat)
         if handled.get(name) == fp:
             continue
-        if now - stat.st_mtime >= settle or pending.get(name) == fp:
+        # settle <= 0 (cld-pipeline run): every file present is complete, whatever its time stamp says.
+        if settle <= 0 or now - stat.st_mtime >= settle or pending.get(name) == fp:
             ready.append((name, stat, fp))
         else:
             waiting[name] = fp
@@ -101,12 +108,13 @@ def plan_landing(cursor: str | None, now: float | None = None, max_files: int | 
         if len(requests) >= max_files or time.monotonic() - started > TIME_BUDGET_SECONDS:
             deferred += 1
             continue
-        received_at = dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).replace(tzinfo=None)
+        received_at = received_time(stat.st_mtime, now)
         tags = {"cld/file": name[:200]}
         try:
             path = check_name(landing, name)
             facts = inspect_submission(path, received=received_at.date())
-        except SubmissionRefused as refusal:
+        except (SubmissionRefused, OSError) as problem:   # one bad file never stops the tick
+            refusal = problem if isinstance(problem, SubmissionRefused) else unreadable(problem)
             requests.append(dg.RunRequest(
                 job_name=quarantine_job.name, run_key=f"quarantine:{name}:{fp}",
                 tags={**tags, "cld/refused": refusal.reason},

@@ -16,6 +16,8 @@ import json
 import os
 import re
 import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,14 @@ from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import CLDField, load_spec, normalise_header
 
 CHUNK = 1 << 20
+# A CLD record is about half a kilobyte; a line 128 times that long is not a record but a file
+# without line breaks, or an attack on the readers' memory. It is refused before any parsing.
+MAX_LINE_BYTES = 64 * 1024
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,200}\.csv$", re.IGNORECASE)
 # Names of files still being written by common tools; never picked up.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
-EARLIEST_PERIOD_END = dt.date(2020, 1, 1)
+# The collection began in April 2023: no reporting period ends before its first quarter.
+EARLIEST_PERIOD_END = dt.date(2023, 6, 30)
 LA_CODE_SHAPE = re.compile(r"^(\d{3}|E\d{8})$")
 
 
@@ -67,12 +73,29 @@ class SubmissionFacts:
     la_share: float = 1.0              # share of rows carrying the file's LA code
 
 
+def received_time(mtime: float | dt.datetime, now: float | None = None) -> dt.datetime:
+    """When a file was received (naive UTC): the pipeline's own clock when it first saw the file, or
+    the file's modification time where that is earlier (transfer tools keep the sender's time, and
+    a council's resubmissions are ordered by it). The sender controls the modification time, so a
+    time after the pipeline's clock is never believed."""
+    clock = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc).replace(tzinfo=None)
+    if isinstance(mtime, dt.datetime):
+        stated = mtime.replace(tzinfo=None) if mtime.tzinfo is None else \
+            mtime.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    else:
+        stated = dt.datetime.fromtimestamp(mtime, dt.timezone.utc).replace(tzinfo=None)
+    return min(stated, clock)
+
+
 def quarter_of(day: dt.date) -> str:
     return f"{day.year}-Q{(day.month - 1) // 3 + 1}"
 
 
 def is_partial_name(name: str) -> bool:
-    return name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES)
+    """Names of files still being written: never picked up. A hidden name ending in `.csv` is not
+    one (transfer tools' temporary names carry a suffix), so it is refused rather than left waiting."""
+    lower = name.lower()
+    return lower.endswith(PARTIAL_SUFFIXES) or (name.startswith(".") and not lower.endswith(".csv"))
 
 
 def check_name(landing: Path, name: str) -> Path:
@@ -85,18 +108,46 @@ def check_name(landing: Path, name: str) -> Path:
     if path.is_symlink() or path.resolve().parent != landing.resolve():
         raise SubmissionRefused("file_outside_landing", f"{name!r} points outside the landing folder "
                                 "(a link or path escape); only regular files placed in the folder are read.")
+    if path.exists() and not path.is_file():
+        raise SubmissionRefused("not_a_regular_file", f"{name!r} is not a regular file (a pipe, socket, device or "
+                                "folder); only files placed in the folder are read.")
     return path
 
 
+# Leading bytes of files that are not CSV text, with what to tell the sender.
+SIGNATURES = (
+    (b"\x1f\x8b", "gzip_file", "The file is gzip-compressed. Decompress it and submit the CSV file itself."),
+    (b"PK\x03\x04", "zip_file", "The file is a ZIP archive or an Excel workbook (.xlsx), not CSV text. Save the "
+                                  "sheet as 'CSV UTF-8' and submit that."),
+    (b"\xd0\xcf\x11\xe0", "excel_file", "The file is an old Excel workbook (.xls), not CSV text. Save the sheet "
+                                          "as 'CSV UTF-8' and submit that."),
+    (b"\xff\xfe", "utf16_file", "The file is UTF-16 text. Save it as 'CSV UTF-8' and submit it again."),
+    (b"\xfe\xff", "utf16_file", "The file is UTF-16 text. Save it as 'CSV UTF-8' and submit it again."),
+)
+
+
+def _sniff(head: bytes) -> None:
+    for magic, reason, message in SIGNATURES:
+        if head.startswith(magic):
+            raise SubmissionRefused(reason, message)
+    # UTF-16 without a byte-order mark: every other byte of ASCII text is NUL.
+    if len(head) >= 4 and head[1::2].count(0) * 2 >= len(head[1::2]) * 2 - 2 and head[0::2].count(0) == 0:
+        raise SubmissionRefused("utf16_file", "The file is UTF-16 text. Save it as 'CSV UTF-8' and submit it again.")
+
+
 def scan_bytes(path: Path) -> FileFacts:
-    """One pass: SHA-256, size, and refusal of empty, binary or non-UTF-8 files."""
+    """One pass: SHA-256, size, and refusal of empty, compressed, binary, non-UTF-8 files and of
+    lines too long to be records (named by line number, never quoted)."""
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
     size = 0
     line = 1
+    line_bytes = 0
     has_text = False
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
+            if size == 0:
+                _sniff(chunk[:64])
             digest.update(chunk)
             has_text = has_text or bool(chunk.strip(b"\xef\xbb\xbf\r\n\t "))
             if b"\x00" in chunk:
@@ -109,7 +160,19 @@ def scan_bytes(path: Path) -> FileFacts:
                 raise SubmissionRefused(
                     "not_utf8", f"The file is not UTF-8 text: byte 0x{chunk[err.start]:02X} on line {at} cannot be "
                     "read. Save the file as 'CSV UTF-8' and submit it again.", line=at) from None
-            line += chunk.count(b"\n")
+            start = 0
+            while True:
+                end = chunk.find(b"\n", start)
+                line_bytes += (len(chunk) if end < 0 else end) - start
+                if line_bytes > MAX_LINE_BYTES:
+                    raise SubmissionRefused(
+                        "line_too_long", f"Line {line} of the file is longer than {MAX_LINE_BYTES:,} bytes: a CLD "
+                        "record is a few hundred. The file is not a CSV export with one record per line.", line=line)
+                if end < 0:
+                    break
+                line += 1
+                line_bytes = 0
+                start = end + 1
             size += len(chunk)
         try:
             decoder.decode(b"", final=True)
@@ -130,6 +193,7 @@ def sha256_of(path: Path) -> str:
 
 
 def read_header(path: Path) -> list[str]:
+    csv.field_size_limit(MAX_LINE_BYTES)
     with path.open(encoding="utf-8-sig", newline="") as fh:
         try:
             return next(csv.reader(fh))
@@ -183,9 +247,36 @@ def _mode(values: pa.ChunkedArray) -> tuple[str | None, int, int]:
     return best["values"], best["counts"], len(values)
 
 
+def unreadable(err: BaseException) -> SubmissionRefused:
+    """Any other failure to read a file, as a refusal that names the exception's type only: parsers'
+    messages can quote the file's content."""
+    return SubmissionRefused("unreadable_file", f"The file could not be read as CSV ({type(err).__name__}). Check "
+                             "that it is a CSV export with one header row and one record per line, and submit it "
+                             "again.")
+
+
+@contextmanager
+def refusing_unreadable():
+    """Whatever goes wrong while a file is read becomes a refusal of that file (`unreadable`)."""
+    try:
+        yield
+    except SubmissionRefused:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:   # noqa: BLE001 - one bad file must never stop the others
+        raise unreadable(err) from None
+
+
 def inspect_submission(path: Path, received: dt.date | None = None) -> SubmissionFacts:
     """Everything that decides whether a file is processed and in which partition; raises
-    SubmissionRefused with plain words otherwise. Reads only the three columns it needs."""
+    SubmissionRefused with plain words otherwise, whatever goes wrong. Reads only the three columns
+    it needs."""
+    with refusing_unreadable():
+        return _inspect(path, received)
+
+
+def _inspect(path: Path, received: dt.date | None) -> SubmissionFacts:
     facts = scan_bytes(path)
     header = read_header(path)
     columns, unknown = map_columns(header)
@@ -200,10 +291,11 @@ def inspect_submission(path: Path, received: dt.date | None = None) -> Submissio
 
 def inspect_and_read(path: Path, received: dt.date | None = None) -> tuple[SubmissionFacts, pa.Table]:
     """`inspect_submission` and `read_submission` in one parse of the file (for the raw asset)."""
-    facts = scan_bytes(path)
-    header = read_header(path)
-    columns, unknown = map_columns(header)
-    records = read_submission(path, columns)
+    with refusing_unreadable():
+        facts = scan_bytes(path)
+        header = read_header(path)
+        columns, unknown = map_columns(header)
+        records = read_submission(path, columns)
     three = records.select(["la_code", "reporting_period_start_date", "reporting_period_end_date"])
     return _judge(facts, header, columns, unknown, three.rename_columns(["la", "start", "end"]), received), records
 
@@ -233,9 +325,11 @@ def _judge(facts: FileFacts, header: list[str], columns: dict[int, str], unknown
         raise SubmissionRefused("missing_reporting_period", "The reporting period end date is missing or not a "
                                 "date; write it as YYYY-MM-DD or DD/MM/YYYY on every row.")
     if end > received + dt.timedelta(days=1) or end < EARLIEST_PERIOD_END or (start is not None and start > end):
-        raise SubmissionRefused("impossible_reporting_period", f"The reporting period ending {end.isoformat()} "
-                                f"(starting {start.isoformat() if start else 'blank'}) is impossible: it must end on "
-                                "or before the day the file is received, after its start, and not before 2020.")
+        # The dates are not quoted: with swapped headers they could be people's dates of birth.
+        raise SubmissionRefused("impossible_reporting_period", "The reporting period (Reporting_Period_Start_Date "
+                                "and Reporting_Period_End_Date, the values most rows carry) is impossible: it must end "
+                                "on or before the day the file is received, after its start, and not before the "
+                                f"collection's first quarter ended ({EARLIEST_PERIOD_END.isoformat()}).")
     return SubmissionFacts(sha256=facts.sha256, size=facts.size, la_code=council.submission_code, quarter=quarter_of(end),
                            reporting_period_start=start, reporting_period_end=end, rows=rows, header=header,
                            columns=columns, unknown_columns=unknown, la_share=la_count / total)
@@ -299,6 +393,7 @@ def _read_exact(path: Path, header: list[str], columns: dict[int, str], fields: 
     by_name = {f.name: f for f in fields}
     column_of = {i: by_name[name].column for i, name in columns.items()}
     absent = [f.column for f in fields if f.name not in columns.values()]
+    csv.field_size_limit(MAX_LINE_BYTES)   # scan_bytes refused longer lines (a quoted field may span lines)
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         next(reader)
@@ -335,11 +430,20 @@ def archive_copy(source: Path, archive: Path, sha256: str) -> Path:
     return target
 
 
+def confined_name(name: str, suffix: str = "") -> str:
+    """`name + suffix` when that is one ordinary file name, else `refused-<digest>` + suffix."""
+    plain = (name and len(name) <= 200 and name not in (".", "..") and not any(c in name for c in "/\\\x00")
+             and not name.startswith("-"))
+    return (name if plain else "refused-" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:16]) + suffix
+
+
 def write_refusal(quarantine: Path, name: str, refusal: SubmissionRefused, sha256: str | None,
                   received_at: dt.datetime) -> Path:
-    """`quarantine/<name>.error.json`: why the file was refused, in plain words."""
+    """`quarantine/<name>.error.json`: why the file was refused, in plain words. Always inside
+    `quarantine`: a name that is not one plain path component (run config can say anything) is
+    replaced by a digest of it, and the name itself is kept in the JSON."""
     quarantine.mkdir(parents=True, exist_ok=True)
-    path = quarantine / f"{name}.error.json"
+    path = quarantine / confined_name(name, ".error.json")
     path.write_text(json.dumps({
         "file_name": name,
         "refused_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from cld_pipeline.lib.privacy.pseudonymise import person_token_sql
 from cld_pipeline.lib.ingest.submission_files import (
-    SubmissionRefused, parse_date, quarter_of, read_header, read_submission, scan_bytes,
+    SubmissionRefused, parse_date, quarter_of, read_header, read_submission, refusing_unreadable, scan_bytes,
 )
 from cld_pipeline.lib.validation.prepare import nhs_check_sql
 from cld_pipeline.spec import CLDField, load_spec, normalise_header
@@ -61,10 +61,11 @@ def map_hospital_columns(header: list[str]) -> dict[int, str]:
 def inspect_and_read_extract(path: Path, name: str | None = None) -> tuple[ExtractFacts, pa.Table]:
     """Checks that refuse a file whole, then every record as text. The quarter is the one in the
     file name (`hospital_extract_2026-Q3.csv`), else the quarter of the latest discharge or admission."""
-    facts = scan_bytes(path)
-    header = read_header(path)
-    columns = map_hospital_columns(header)
-    records = read_submission(path, columns, hospital_fields())
+    with refusing_unreadable():
+        facts = scan_bytes(path)
+        header = read_header(path)
+        columns = map_hospital_columns(header)
+        records = read_submission(path, columns, hospital_fields())
     if records.num_rows == 0:
         raise SubmissionRefused("no_rows", "The hospital extract has a header but no data rows.")
     match = QUARTER_IN_NAME.search(name or path.name)
