@@ -15,13 +15,21 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import hospital_quarter_partitions
 from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKey
 from cld_pipeline.lib.linkage import hospital
 from cld_pipeline.lib.privacy import retention, rights
 from cld_pipeline.lib.privacy.pseudonymise import KeyError_
-from cld_pipeline.lib.ingest.submission_files import SubmissionRefused, archive_copy, sha256_of, write_refusal
+from cld_pipeline.lib.ingest.submission_files import (
+    SubmissionRefused,
+    archive_copy,
+    confined_name,
+    received_time,
+    sha256_of,
+    write_refusal,
+)
 from cld_pipeline.defs.metadata import table_schema
 from cld_pipeline.lib.warehouse import replace_slice, transaction
 
@@ -66,14 +74,23 @@ def refuse(name: str, path: Path | None, refusal: SubmissionRefused, received_at
         archive_copy(path, data / "archive", sha)
     if path is not None and (path.exists() or path.is_symlink()):
         target.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), str(target / name))
+        shutil.move(str(path), str(target / confined_name(name)))
     write_refusal(target, name, refusal, sha, received_at)
     return dg.Failure(description=f"health/{name} was refused and moved to quarantine/health/: {refusal.message}",
                       metadata={"file": name, "reason": refusal.reason}, allow_retries=False)
 
 
+def _received(config: HospitalExtractFile) -> dt.datetime:
+    """The sensor's received time, never later than the pipeline's clock."""
+    try:
+        return received_time(dt.datetime.fromisoformat(config.received_at) if config.received_at else time.time())
+    except ValueError:
+        raise dg.Failure(description="The run config's received_at is not an ISO date and time.",
+                         allow_retries=False) from None
+
+
 def health_file(name: str) -> Path | None:
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if not name or confined_name(name) != name:
         return None
     return settings.landing_dir() / HEALTH_DIR / name
 
@@ -95,6 +112,12 @@ def health_file(name: str) -> Path | None:
 )
 def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractFile,
                      identifiable_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
+    with values_withheld("Landing the hospital extract"):
+        yield from _hospital_extract_body(context, config, identifiable_db, pseudonymisation_key)
+
+
+def _hospital_extract_body(context: dg.AssetExecutionContext, config: HospitalExtractFile,
+                           identifiable_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     quarter = context.partition_key
     data = settings.data_dir()
@@ -104,8 +127,7 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
         raise dg.Failure(description=str(err), allow_retries=False) from None
     if config.file_name:
         path = health_file(config.file_name)
-        received_at = (dt.datetime.fromisoformat(config.received_at) if config.received_at
-                       else dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+        received_at = _received(config)
         if path is None or not path.is_file() or path.is_symlink():
             raise refuse(config.file_name, path, SubmissionRefused(
                 "not_a_file", "Only regular files placed in landing/health/ are read."), received_at)
@@ -124,7 +146,16 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
             raise dg.Failure(description=f"No hospital extract has been received for {quarter}.", allow_retries=False)
         name, sha, received_at = current[0]
         path, archived = None, data / "archive" / sha
-        facts, records = hospital.inspect_and_read_extract(archived, name=name)
+        if not archived.is_file():
+            raise dg.Failure(description=f"The archived original of the hospital extract for {quarter} ({name}) is "
+                                         f"missing from archive/{sha}. Restore that file from the backup of the "
+                                         "archive (its SHA-256 is its name), or place the extract in landing/health/ "
+                                         "again.", allow_retries=False)
+        try:
+            facts, records = hospital.inspect_and_read_extract(archived, name=name)
+        except SubmissionRefused as refusal:
+            raise dg.Failure(description=f"The archived hospital extract for {quarter} can no longer be landed: "
+                                         f"{refusal.message}", allow_retries=False) from None
     if facts.quarter != quarter:
         raise dg.Failure(description=f"{name} is the extract for {facts.quarter}, not {quarter}.", allow_retries=False)
 
@@ -243,6 +274,12 @@ def hospital_extract(context: dg.AssetExecutionContext, config: HospitalExtractF
 )
 def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
                                     analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
+    with values_withheld("Pseudonymising the hospital extract"):
+        yield from _pseudonymised_hospital_episodes_body(context, identifiable_db, analytics_db, pseudonymisation_key)
+
+
+def _pseudonymised_hospital_episodes_body(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
+                                          analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     quarter = context.partition_key
     try:
@@ -286,8 +323,7 @@ def pseudonymised_hospital_episodes(context: dg.AssetExecutionContext, identifia
 
 @dg.op(description="Move a hospital extract that cannot be processed to quarantine/health/ with its reason.")
 def quarantine_hospital_file(config: HospitalExtractFile) -> None:
-    received_at = (dt.datetime.fromisoformat(config.received_at) if config.received_at
-                   else dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+    received_at = _received(config)
     raise refuse(config.file_name, health_file(config.file_name), SubmissionRefused(
         "no_quarter_in_name", "A hospital extract's name must carry its quarter, as in "
         "hospital_extract_2026-Q3.csv."), received_at)

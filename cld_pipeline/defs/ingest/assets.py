@@ -8,6 +8,7 @@ with the reason in plain words. Nothing of a refused file reaches `raw.events`.
 
 
 import datetime as dt
+import re
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import run_partitions, submission_partitions
 from cld_pipeline.defs.resources import PseudonymisationKey
@@ -25,7 +27,9 @@ from cld_pipeline.lib.ingest.submission_files import (
     SubmissionRefused,
     archive_copy,
     check_name,
+    confined_name,
     inspect_and_read,
+    received_time,
     sha256_of,
     write_refusal,
 )
@@ -45,32 +49,38 @@ class SubmissionFile(dg.Config):
     received_at: str = ""   # ISO timestamp of arrival (the file's modification time)
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _received(config: SubmissionFile, path: Path | None) -> dt.datetime:
+    """The sensor's received time, else the file's; never later than the pipeline's clock."""
     if config.received_at:
-        return dt.datetime.fromisoformat(config.received_at)
-    if path is not None and path.exists():
-        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        try:
+            return received_time(dt.datetime.fromisoformat(config.received_at))
+        except ValueError:
+            raise dg.Failure(description="The run config's received_at is not an ISO date and time.",
+                             allow_retries=False) from None
+    if path is not None and path.is_file():
+        return received_time(path.stat().st_mtime)
+    return received_time(time.time())
 
 
 def direct_child(landing: Path, name: str) -> Path | None:
     """The entry `name` of the landing folder itself (a file or a link), never anything elsewhere."""
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
         return None
     return landing / name
 
 
 def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: SubmissionRefused,
                received_at: dt.datetime, sha256: str | None = None) -> dg.Failure:
-    """Archive (when it is a regular file), move to quarantine/, explain, record; returns the Failure
-    for the caller to raise so the run shows the reason."""
+    """Archive (when it is a regular file), explain, record, then move to quarantine/; returns the
+    Failure for the caller to raise so the run shows the reason. The move comes last, so a run
+    killed part-way leaves the file in landing/ to be refused again, under the same submission id."""
     data = settings.data_dir()
-    if path is not None and path.exists() and not path.is_symlink():
+    if path is not None and path.is_file() and not path.is_symlink():   # never open a pipe or device
         sha256 = sha256 or sha256_of(path)
         archive_copy(path, data / "archive", sha256)
-    if path is not None and (path.exists() or path.is_symlink()):
-        (data / "quarantine").mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), str(data / "quarantine" / name))
     write_refusal(data / "quarantine", name, refusal, sha256, received_at)
     receipt = raw_store.Receipt(
         submission_id=raw_store.submission_id(sha256 or "-", name, received_at), la_code=None, quarter=None,
@@ -79,6 +89,9 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
     with db.get_connection() as con:
         raw_store.ensure_schema(con)
         raw_store.record_outcome(con, receipt, raw_store.QUARANTINED, f"{refusal.reason}: {refusal.message}")
+    if path is not None and (path.exists() or path.is_symlink()):
+        (data / "quarantine").mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), str(data / "quarantine" / confined_name(name)))
     return dg.Failure(description=f"{name} was refused and moved to quarantine/: {refusal.message}",
                       metadata={"file": name, "reason": refusal.reason, "sha256": sha256 or ""},
                       allow_retries=False)
@@ -107,6 +120,12 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
 )
 def raw_submission(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource,
                    pseudonymisation_key: PseudonymisationKey):
+    with values_withheld("Landing the submission"):
+        yield from _raw_submission_body(context, config, identifiable_db, pseudonymisation_key)
+
+
+def _raw_submission_body(context: dg.AssetExecutionContext, config: SubmissionFile, identifiable_db: DuckDBResource,
+                         pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     try:
         retention.assert_processing_allowed()
@@ -164,8 +183,11 @@ def _land(context: dg.AssetExecutionContext, config: SubmissionFile, identifiabl
             raise quarantine(identifiable_db, config.file_name, direct_child(landing, config.file_name), refusal,
                              _received(config, None)) from None
         received_at = _received(config, path)
-        source = path if path.exists() else data / "archive" / config.sha256
-        if not source.exists():
+        if config.sha256 and not SHA256.match(config.sha256):
+            raise dg.Failure(description="The run config's sha256 is not 64 hexadecimal digits; leave it empty.",
+                             allow_retries=False)
+        source = path if path.is_file() else data / "archive" / config.sha256 if config.sha256 else None
+        if source is None or not source.is_file():
             raise dg.Failure(description=f"{config.file_name} is neither in landing/ nor in the archive.",
                              allow_retries=False)
         archived = archive_copy(source, data / "archive", sha256_of(source))  # before anything else is written
@@ -184,7 +206,17 @@ def _land(context: dg.AssetExecutionContext, config: SubmissionFile, identifiabl
                                          "place the council's file in the landing folder.", allow_retries=False)
         name, received_at, path = current["file_name"], current["received_at"], None
         archived = data / "archive" / current["sha256"]
-        facts, records = inspect_and_read(archived, received=received_at.date())
+        if not archived.is_file():
+            raise dg.Failure(
+                description=f"The archived original of submission {current['submission_id']} (LA {la_code}, {quarter}, "
+                            f"file {name}) is missing from archive/{current['sha256']}. Restore that file from the "
+                            "backup of the archive (its SHA-256 is its name), or ask the council to submit the "
+                            "file again, then re-run this partition.", allow_retries=False)
+        try:
+            facts, records = inspect_and_read(archived, received=received_at.date())
+        except SubmissionRefused as refusal:
+            raise dg.Failure(description=f"The archived original of submission {current['submission_id']} can no "
+                                         f"longer be landed: {refusal.message}", allow_retries=False) from None
 
     if (facts.la_code, facts.quarter) != (la_code, quarter):
         raise dg.Failure(description=f"{name} belongs to LA {facts.la_code} {facts.quarter}, not to this partition "

@@ -11,6 +11,7 @@ import time
 
 import dagster as dg
 
+from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
 from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
@@ -117,6 +118,11 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
     ],
 )
 def linked_quarter(context: dg.AssetExecutionContext, analytics_db: LockedDuckDBResource):
+    with values_withheld("Linkage"):
+        yield from _linked_quarter_body(context, analytics_db)
+
+
+def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: LockedDuckDBResource):
     started = time.perf_counter()
     quarter = context.partition_key
     with analytics_db.get_connection() as con:

@@ -20,11 +20,32 @@ MAX_ERROR = 500
 RUNBOOK = 'docs/operations.md, "Runbook: a quarter has failed"'
 
 
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def _split(key: str) -> tuple[str | None, str | None]:
+    """(LA, quarter) of a partition key: `714|2026-Q3` (quarter x LA) or `2026-Q3` (quarter)."""
+    la = quarter = None
+    for part in key.split("|"):
+        if "-Q" in part:
+            quarter = part
+        elif part:
+            la = part
+    return la, quarter
+
+
 def _partition(tags: dict) -> tuple[str | None, str | None]:
     la = tags.get("cld/la") or tags.get("dagster/partition/la")
     quarter = tags.get("cld/quarter") or tags.get("dagster/partition/quarter")
-    if not quarter and tags.get("dagster/partition", "").count("-Q") == 1 and "|" not in tags["dagster/partition"]:
-        quarter = tags["dagster/partition"]
+    if not quarter and "dagster/partition" in tags:
+        la_tag, quarter = _split(tags["dagster/partition"])
+        la = la or la_tag
+    if RANGE_START in tags:   # one run over a range of councils (a batch, or a quarter's backfill)
+        first_la, first_quarter = _split(tags[RANGE_START])
+        last_la, last_quarter = _split(tags.get(RANGE_END, tags[RANGE_START]))
+        quarter = quarter or first_quarter or last_quarter
+        if not tags.get("cld/la"):
+            la = first_la if first_la == last_la else f"{first_la}..{last_la}"
     return la, quarter
 
 
@@ -35,7 +56,8 @@ def build_alert(run: dg.DagsterRun, step_failures: list[tuple[str, str]], run_er
     return {
         "alert": "run_failed", "raised_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run.run_id, "job": run.job_name, "quarter": quarter, "la": la,
-        "file": run.tags.get("cld/file"), "step": step, "error": error,
+        "file": run.tags.get("cld/file") or ("the councils' current submissions" if RANGE_START in run.tags else None),
+        "step": step, "error": error,
         "backfill": run.tags.get("dagster/backfill"),
         # One backfill per quarter covers every failed council, however many alerts there are.
         "what_to_do": (f"See {RUNBOOK}; when the cause is fixed: cld-pipeline backfill --quarter {quarter} "

@@ -14,6 +14,7 @@ import time
 import dagster as dg
 import pyarrow as pa
 
+from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline import settings
 from cld_pipeline.defs.partitions import (
     SUBMISSION_WINDOW,
@@ -119,6 +120,12 @@ def pseudonymise_sql(source: str) -> str:
 )
 def pseudonymised_events(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
                          analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
+    with values_withheld("Pseudonymisation"):
+        yield from _pseudonymised_events_body(context, identifiable_db, analytics_db, pseudonymisation_key)
+
+
+def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
+                               analytics_db: LockedDuckDBResource, pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     partitions = run_partitions(context)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline import settings
 from cld_pipeline.defs.ingest.assets import RAW_EVENTS, RAW_SUBMISSIONS
 from cld_pipeline.defs.partitions import run_partitions, submission_partitions
@@ -70,6 +71,12 @@ CHECKS = [
 )
 def validated_submission(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
                          pseudonymisation_key: PseudonymisationKey):
+    with values_withheld("Validation"):
+        yield from _validated_submission_body(context, identifiable_db, pseudonymisation_key)
+
+
+def _validated_submission_body(context: dg.AssetExecutionContext, identifiable_db: LockedDuckDBResource,
+                               pseudonymisation_key: PseudonymisationKey):
     started = time.perf_counter()
     partitions = run_partitions(context)
     scratch = settings.new_scratch("validate-")

@@ -67,10 +67,13 @@ def validated_columns() -> list[str]:
             out += [c, f"{c}_cleaned"]
         elif f.type == "date":
             out.append(f"{c}__date AS {c}")
-        elif f.type == "integer":
-            out.append(f"CAST(round({c}__number) AS INTEGER) AS {c}")
-        elif f.type == "decimal":
-            out.append(f"{c}__number AS {c}")
+        elif f.type in ("integer", "decimal"):
+            # Out of range is a finding on the row (rule invalid_number) and blank here, never a
+            # failed cast: a cast error would quote the value (an NHS number in a count column).
+            lo = -1e18 if f.minimum is None else f.minimum
+            hi = 1e18 if f.maximum is None else f.maximum
+            number = f"CASE WHEN {c}__number BETWEEN {lo} AND {hi} THEN {c}__number END"
+            out.append(f"TRY_CAST(round({number}) AS INTEGER) AS {c}" if f.type == "integer" else f"{number} AS {c}")
         elif f.type == "nhs_number":
             out.append(f"CASE WHEN {c}__valid THEN {c}__digits END AS {c}")
         else:
