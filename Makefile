@@ -28,7 +28,7 @@ run: setup
 		echo "nothing received yet: generating a small synthetic national quarter into landing/"; \
 		$(BIN)/cld-pipeline generate --scale small; \
 	fi
-	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	umask 077 && $(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)   # Dagster's storage owner-only too
 
 test: setup
 	$(BIN)/python -m pytest

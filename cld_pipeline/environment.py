@@ -67,7 +67,10 @@ def prepare_dagster_home(env: Environment | None = None) -> Path:
     """`$DAGSTER_HOME` (default `$CLD_DATA_DIR/dagster_home`) holding the chosen profile's
     dagster.yaml; an explicitly chosen profile replaces what is there, so a changed setting takes
     effect. Sets `DAGSTER_HOME` for this process and returns it."""
+    from cld_pipeline.lib.privacy.file_modes import secure_data_folder
+
     env = env or current()
+    secure_data_folder(settings.data_dir())
     home = env.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     profile = env.instance_profile

@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from cld_pipeline.lib.privacy.file_modes import secure_data_folder
 from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, load_key, load_ring
 from cld_pipeline import environment, settings
 from cld_pipeline.settings import analytics_db_path, data_dir, identifiable_db_path
@@ -100,8 +101,7 @@ class PseudonymisationKey(dg.ConfigurableResource):
 @dg.definitions
 def resources() -> dg.Definitions:
     env = environment.current()
-    for path in (identifiable_db_path(), analytics_db_path()):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    secure_data_folder(data_dir())   # this process and the runs it starts write owner-only files
     return dg.Definitions(
         resources={
             "identifiable_db": LockedDuckDBResource(database=str(identifiable_db_path())),
