@@ -177,6 +177,17 @@ def _rights(args: argparse.Namespace) -> int:
             request_id = args.request
         else:
             person = rights.parse_person(args.nhs_number, args.la, args.person_id)
+            identifiable, _ = subject_rights._zones()
+            with identifiable.get_connection() as con:
+                held = rights.rows_held(con, person)
+            if not held and args.action == "copy":
+                print("No submitted row names this person: the copy will be empty (nothing is held).")
+            elif not held and not args.allow_not_held:
+                print(f"cld-pipeline rights: no submitted row names this person, so there is nothing to {args.action}. "
+                      "Check the NHS number or LA person id for a typo: a mistyped number would put someone else "
+                      "on the list. If the person is known not to be held yet and future submissions must leave "
+                      "them out, run again with --allow-not-held.", file=sys.stderr)
+                return 3
             request_id = subject_rights.lodge(args.action, person, args.requested_by or current_actor(), args.reason or "")
             print(f"lodged    {request_id} ({args.action})")
             if args.lodge_only:
@@ -311,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--reason", help="why: case reference and legal basis (recorded in the audit log; no identifiers)")
     rg.add_argument("--requested-by", help="who is acting (default: CLD_ACTOR or the user name)")
     rg.add_argument("--request", help="with `apply`: a request lodged earlier")
+    rg.add_argument("--allow-not-held", action="store_true",
+                    help="register the request even though no submitted row names the person yet")
     rg.add_argument("--lodge-only", action="store_true", help="record the request; apply it later or from the UI")
     rg.add_argument("--quiet", action="store_true", help="only the JSON summary")
     rg.set_defaults(func=_rights)
@@ -365,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quarters", 1) < 1:
         build_parser().error("--quarters must be at least 1")
+    if args.func is not _spec_docs:
+        from cld_pipeline.lib.privacy.file_modes import secure_data_folder
+
+        secure_data_folder(settings.data_dir())   # every file written from here on is owner-only
     return args.func(args)
 
 

@@ -22,10 +22,10 @@ INWARD_UNIT_LETTERS = "ABDEFGHJLNPQRSTUWXYZ"
 
 
 def normalise_nhs_number(raw: str | None) -> str | None:
-    """Strip spaces and hyphens; None for blank input."""
+    """Strip spaces, hyphens and dots (`999 245 5527`, `999-245-5527`, `999.245.5527`); None for blank input."""
     if raw is None:
         return None
-    cleaned = re.sub(r"[\s-]", "", raw)
+    cleaned = re.sub(r"[\s.-]", "", raw)
     return cleaned or None
 
 

@@ -20,6 +20,7 @@ across the rows where both appear), and those messages are what every action wor
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +61,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 # --- identifier messages, the same normalisation as the person token ----------------------------
 
 def nhs_message_sql(raw_sql: str) -> str:
-    """`nhs:<10 digits>` from a submitted NHS number (spaces and hyphens stripped), else NULL."""
-    digits = f"regexp_replace(trim({raw_sql}), '[\\s-]', '', 'g')"
+    """`nhs:<10 digits>` from a submitted NHS number (its digits only, so `999 245 5527`,
+    `999-245-5527` and `999.245.5527` are one number), else NULL."""
+    digits = f"regexp_replace({raw_sql}, '[^0-9]', '', 'g')"
     return f"CASE WHEN regexp_full_match({digits}, '[0-9]{{10}}') THEN 'nhs:' || {digits} END"
 
 
@@ -71,8 +73,22 @@ def la_message_sql(la_code_sql: str, person_id_sql: str) -> str:
             f"THEN 'la:' || upper(trim({la_code_sql})) || ':' || trim({person_id_sql}) END")
 
 
+def register_form(message: str) -> str:
+    """The register's canonical form of a message: an LA person id is matched trimmed and without
+    regard to case within its council (`ab12 ` and `AB12` are one person to a suppression), so a
+    resubmission cannot bring an erased person back by retyping their id."""
+    if message.startswith("la:"):
+        return "la:" + message[3:].upper()
+    return message
+
+
+def register_form_sql(message_sql: str) -> str:
+    return f"(CASE WHEN starts_with({message_sql}, 'la:') THEN 'la:' || upper(substr({message_sql}, 4)) " \
+           f"ELSE {message_sql} END)"
+
+
 def register_token(key: PseudoKey, message: str) -> str:
-    return token(key, REGISTER_PREFIX + message)
+    return token(key, REGISTER_PREFIX + register_form(message))
 
 
 @dataclass
@@ -92,7 +108,8 @@ class Matcher:
             active = (f"(SELECT token FROM {self.register} WHERE key_version = $version_{i} "
                       f"AND action IN ({actions}) AND lifted_at IS NULL)")
             for message in message_sqls:
-                terms.append(f"coalesce({hmac_sql(f'{REGISTER_PREFIX!r} || ({message})', (f'ipad_{i}', f'opad_{i}'))}"
+                canonical = register_form_sql(f"({message})")
+                terms.append(f"coalesce({hmac_sql(f'{REGISTER_PREFIX!r} || {canonical}', (f'ipad_{i}', f'opad_{i}'))}"
                              f" IN {active}, false)")
         return "(" + " OR ".join(terms) + ")" if terms else "false"
 
@@ -226,17 +243,54 @@ def parse_person(nhs_number: str | None, la_code: str | None, la_person_id: str 
     return Person(la_code=council.submission_code.upper(), la_person_id=la_person_id.strip())
 
 
-def check_free_text(label: str, text: str) -> str:
-    """Reasons and names go into the audit log: refuse anything that looks like an identifier."""
-    import re
+# A reason is a case reference plus, at most, words from this list: free text could name the person
+# or carry their date of birth, postcode or NHS number into the audit log, which is kept for ever.
+REASON_WORDS = frozenset("""
+    a access an and advocate article by case consent copy correction council court data deceased dpo duplicate
+    entered erase erasure error for from gdpr ico in la lift lifted object objected objection of on opt opt-out
+    order out person record records rectification ref reference representative request requested restrict
+    restriction review right rights solicitor subject test the their to uk under unrestrict withdrawn with wrong
+    wrongly
+""".split())
+# A case reference: letters, then up to four groups of at most six digits (SAR-2026-0042, DSR/2026/17,
+# ICO12345, T1). Groups of seven digits or more could be an NHS number or a date of birth.
+REFERENCE_RE = re.compile(r"[A-Za-z]{1,12}(?:[-/][A-Za-z]{1,12})?[-/]?\d{1,6}(?:[-/]\d{1,6}){0,3}")
 
+
+def check_reason(text: str) -> str:
+    """The reason for a rights request, as the audit log may hold it: a case reference and words
+    from REASON_WORDS (article numbers too); anything else is refused, naming no value."""
+    text = " ".join((text or "").split())
+    if not text:
+        raise RightsError("--reason is required (it is recorded in the audit log): give the case reference.")
+    words = [w.strip(",.;:()") for w in text.split()]
+    references = [w for w in words if REFERENCE_RE.fullmatch(w)]
+    others = [w for w in words if w and not REFERENCE_RE.fullmatch(w) and w.lower() not in REASON_WORDS
+              and not re.fullmatch(r"\d{1,2}", w)]
+    if not references or others:
+        raise RightsError(
+            "--reason must be a case reference (such as SAR-2026-0042) with, at most, a few plain words such as "
+            "'subject access request' or 'erasure': the audit log is kept for ever and must never hold a name, "
+            f"date of birth, postcode or NHS number. {len(others)} word(s) were not accepted"
+            f"{'' if references else ', and no case reference was given'}.")
+    return text
+
+
+def check_free_text(label: str, text: str) -> str:
+    """Free text for the audit log (who requested): refuse anything that looks like an identifier,
+    however it is written (digits split by spaces, dots or dashes; a postcode with or without its space)."""
     from cld_pipeline.lib.privacy.identifiers import POSTCODE_RE
 
     text = " ".join(text.split())
     if not text:
         raise RightsError(f"{label} is required (it is recorded in the audit log).")
-    if re.search(r"\d[\d\s-]{5,}\d", text) or any(POSTCODE_RE.match(w.upper()) for w in text.split()):
-        raise RightsError(f"{label} looks as if it contains an identifier (a long number or a postcode); "
+    squeezed = text.upper().replace(" ", "")
+    looks_like = (re.search(r"\d[\d\s./-]{5,}\d", text)
+                  or any(POSTCODE_RE.match(w.upper()) for w in text.split())
+                  or any(POSTCODE_RE.match(squeezed[i:i + n]) for n in (5, 6, 7) for i in range(len(squeezed) - n + 1))
+                  or re.search(r"\d{1,2}\s*[A-Za-z]{3,9}\s*\d{2,4}", text))    # 2 March 1950
+    if looks_like:
+        raise RightsError(f"{label} looks as if it contains an identifier (a long number, a date or a postcode); "
                           "the audit log never holds identifiers: give the case reference instead.")
     return text
 
@@ -251,7 +305,7 @@ def lodge(con: duckdb.DuckDBPyConnection, action: str, person: Person, requested
     ensure_schema(con)
     request_id = new_request_id(action)
     con.execute("INSERT INTO rights.requests VALUES (?, ?, 'lodged', now(), NULL, ?, ?, NULL)",
-                [request_id, action, check_free_text("--requested-by", requested_by), check_free_text("--reason", reason)])
+                [request_id, action, check_free_text("--requested-by", requested_by), check_reason(reason)])
     con.execute("INSERT INTO rights.pending VALUES (?, ?, ?, ?)",
                 [request_id, person.nhs_number, person.la_code, person.la_person_id])
     return request_id
@@ -291,6 +345,23 @@ def resolve(con: duckdb.DuckDBPyConnection, person: Person, rounds: int = 3) -> 
             break
         messages = more
     return messages
+
+
+def rows_held(con: duckdb.DuckDBPyConnection, person: Person) -> int:
+    """How many submitted rows (social care and hospital) name the person, matched as the
+    suppression list matches: NHS number by its digits, LA person id trimmed and case-folded."""
+    wanted = sorted({register_form(m) for m in person.messages()})
+    total = 0
+    if _table_exists(con, "raw", "events"):
+        total += con.execute(f"""
+            SELECT count(*) FROM raw.events e JOIN raw.submissions s USING (submission_id)
+            WHERE {register_form_sql(nhs_message_sql('e.nhs_number'))} IN (SELECT unnest($m))
+               OR {register_form_sql(la_message_sql('s.la_code', 'e.la_person_unique_identifier'))}
+                  IN (SELECT unnest($m))""", {"m": wanted}).fetchall()[0][0]
+    if _table_exists(con, "raw", "hospital_episodes"):
+        total += con.execute(f"SELECT count(*) FROM raw.hospital_episodes WHERE {nhs_message_sql('nhs_number')} "
+                             "IN (SELECT unnest($m))", {"m": wanted}).fetchall()[0][0]
+    return total
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str, catalog: str | None = None) -> bool:
