@@ -167,6 +167,34 @@ def test_a_full_disk_fails_the_run_and_the_next_run_after_freeing_it_is_whole(co
     assert differences(fingerprint(data), expected) == []
 
 
+def test_the_recovery_sensor_finishes_a_partition_left_after_its_raw_layer(collection, tmp_path):
+    """Under the daemon: a partition whose raw layer landed in a run that then ended (here a raw-only
+    run, as `cld-pipeline run` makes before its batch) gets one run of its later layers."""
+    from cld_pipeline.commands.run import RAW_ASSETS
+    from cld_pipeline.definitions import defs as load_defs
+    from cld_pipeline.defs.ingest.sensors import plan_landing
+    from cld_pipeline.defs.operations.recovery import LATER, chain_recovery_sensor
+
+    data = fresh(collection, tmp_path / "data")
+    with environment(**{k: v for k, v in env_for(data).items() if k.startswith(("CLD_", "DAGSTER"))}):
+        with dg.instance_for_test() as instance:
+            assert isinstance(chain_recovery_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+            requests, quarters, _, _ = plan_landing(None, settle=0)
+            instance.add_dynamic_partitions("quarter", sorted(quarters))
+            request = next(r for r in requests if r.partition_key)
+            landed = load_defs().resolve_job_def("ingest_submission_job").execute_in_process(
+                run_config=request.run_config, instance=instance, partition_key=request.partition_key,
+                asset_selection=RAW_ASSETS)
+            assert landed.success
+            [recovery] = chain_recovery_sensor(dg.build_sensor_context(instance=instance))
+            assert str(recovery.partition_key) == str(request.partition_key)
+            assert recovery.asset_selection == LATER and recovery.run_key.startswith("recover:")
+            finished = load_defs().resolve_job_def("ingest_submission_job").execute_in_process(
+                instance=instance, partition_key=recovery.partition_key, asset_selection=recovery.asset_selection)
+            assert finished.success
+            assert isinstance(chain_recovery_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+
 # --- 2. hostile files --------------------------------------------------------------------------
 
 def _hostile(landing: Path, header: str, row: str) -> dict[str, str]:
