@@ -195,6 +195,20 @@ def test_the_recovery_sensor_finishes_a_partition_left_after_its_raw_layer(colle
             assert isinstance(chain_recovery_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
 
 
+def test_a_failure_inside_a_connection_leaves_the_database_closed(tmp_path):
+    """dagster-duckdb closes its connection only on success; ours closes it on any error too, so a
+    failed step never leaves the database file held by this process."""
+    from cld_pipeline.defs.resources import LockedDuckDBResource
+
+    database = tmp_path / "zone.duckdb"
+    with pytest.raises(OSError):
+        with LockedDuckDBResource(database=str(database)).get_connection() as con:
+            con.execute("CREATE TABLE t AS SELECT 1 AS x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with duckdb.connect(str(database), read_only=True) as con:   # refused while the other is open
+        assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
 # --- 2. hostile files --------------------------------------------------------------------------
 
 def _hostile(landing: Path, header: str, row: str) -> dict[str, str]:

@@ -58,9 +58,15 @@ class LockedDuckDBResource(DuckDBResource):
                     time.sleep(0.05)
             try:
                 with super().get_connection() as con:
-                    _restrict_file_mode(self.database)
-                    con.execute(f"SET memory_limit = '{settings.duckdb_memory_limit()}'")
-                    yield con
+                    # DuckDBResource closes the connection only when the block ends without an
+                    # error; after a failure it stayed open (holding the file) until garbage
+                    # collection, so another process, or a read-only open here, was refused.
+                    try:
+                        _restrict_file_mode(self.database)
+                        con.execute(f"SET memory_limit = '{settings.duckdb_memory_limit()}'")
+                        yield con
+                    finally:
+                        con.close()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
