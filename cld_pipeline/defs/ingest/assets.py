@@ -89,7 +89,9 @@ def quarantine(db: DuckDBResource, name: str, path: Path | None, refusal: Submis
     with db.get_connection() as con:
         raw_store.ensure_schema(con)
         raw_store.record_outcome(con, receipt, raw_store.QUARANTINED, f"{refusal.reason}: {refusal.message}")
-    if path is not None and (path.exists() or path.is_symlink()):
+    if path is not None and (path.is_symlink() or (path.exists() and not path.is_file())):
+        path.unlink()   # a link, pipe or socket holds no submission: keeping it would keep what it points at
+    elif path is not None and path.exists():
         (data / "quarantine").mkdir(parents=True, exist_ok=True)
         shutil.move(str(path), str(data / "quarantine" / confined_name(name)))
     return dg.Failure(description=f"{name} was refused and moved to quarantine/: {refusal.message}",

@@ -257,6 +257,26 @@ REASON_WORDS = frozenset("""
 REFERENCE_RE = re.compile(r"[A-Za-z]{1,12}(?:[-/][A-Za-z]{1,12})?[-/]?\d{1,6}(?:[-/]\d{1,6}){0,3}")
 
 
+def _hides_an_identifier(digits: str) -> bool:
+    """Any run of the reason's digits, read together, that is a valid NHS number or a plausible date
+    of birth (YYYYMMDD, DDMMYYYY or DDMMYY): splitting them across a reference does not hide them."""
+    def date(day: int, month: int, year: int) -> bool:
+        try:
+            return 1890 <= year <= dt.date.today().year and bool(dt.date(year, month, day))
+        except ValueError:
+            return False
+
+    for i in range(len(digits)):
+        if is_valid_nhs_number(digits[i:i + 10]) and len(digits[i:i + 10]) == 10:
+            return True
+        w8, w6 = digits[i:i + 8], digits[i:i + 6]
+        if len(w8) == 8 and (date(int(w8[6:]), int(w8[4:6]), int(w8[:4])) or date(int(w8[:2]), int(w8[2:4]), int(w8[4:]))):
+            return True
+        if len(w6) == 6 and date(int(w6[:2]), int(w6[2:4]), 1900 + int(w6[4:])):
+            return True
+    return False
+
+
 def check_reason(text: str) -> str:
     """The reason for a rights request, as the audit log may hold it: a case reference and words
     from REASON_WORDS (article numbers too); anything else is refused, naming no value."""
@@ -267,6 +287,9 @@ def check_reason(text: str) -> str:
     references = [w for w in words if REFERENCE_RE.fullmatch(w)]
     others = [w for w in words if w and not REFERENCE_RE.fullmatch(w) and w.lower() not in REASON_WORDS
               and not re.fullmatch(r"\d{1,2}", w)]
+    if _hides_an_identifier("".join(c for c in text if c.isdigit())):
+        raise RightsError("--reason has digits that could be an NHS number or a date of birth, however they are "
+                          "split; give the case reference in another form.")
     if not references or others:
         raise RightsError(
             "--reason must be a case reference (such as SAR-2026-0042) with, at most, a few plain words such as "
