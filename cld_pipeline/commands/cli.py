@@ -294,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="process everything in the landing folder through the asset graph, headless",
                          description="Runs each landing file through the same Dagster jobs the sensor starts, in this "
-                                     "process, against the instance under $DAGSTER_HOME. Exit 0 only when every "
-                                     "accepted file's partitions materialised (refused files are reported, not failures).")
+                                     "process, against the instance under $DAGSTER_HOME, and first finishes whatever an "
+                                     "earlier run left incomplete. Exit 0 only when every accepted file's partitions "
+                                     "materialised and no chain is incomplete (refused files are reported, not failures).")
     run.add_argument("--quiet", action="store_true", help="only the JSON summary")
     run.set_defaults(func=_run)
 

@@ -119,18 +119,23 @@ def _fail_abandoned_runs(instance: dg.DagsterInstance, log) -> None:
         log(f"abandoned run {run.run_id[:8]} ({run.job_name}) marked failed")
 
 
-def chain_gaps() -> list:
-    """Accepted submissions whose chain is not whole, from the two zones' ledgers."""
+def _ledgers() -> tuple[list, list]:
+    """(current accepted submissions with their validated verdict, chain gaps), from both zones' ledgers."""
     from cld_pipeline.defs.resources import LockedDuckDBResource
     from cld_pipeline.lib.ingest import chain
 
     with LockedDuckDBResource(database=str(settings.identifiable_db_path())).get_connection() as con:
         state = chain.processor_state(con)
     if not state:
-        return []
+        return [], []
     with LockedDuckDBResource(database=str(settings.analytics_db_path())).get_connection() as con:
         done = chain.pseudonymised_submissions(con)
-    return chain.gaps(state, done)
+    return state, chain.gaps(state, done)
+
+
+def chain_gaps() -> list:
+    """Accepted submissions whose chain is not whole."""
+    return _ledgers()[1]
 
 
 def _stale_in_dagster(instance: dg.DagsterInstance) -> set[tuple[str, str]]:
@@ -148,14 +153,13 @@ def _stale_in_dagster(instance: dg.DagsterInstance) -> set[tuple[str, str]]:
 
 def _recover(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:
     """Finish every accepted submission whose chain is incomplete, from its archived copy."""
-    gaps = chain_gaps()
+    state, gaps = _ledgers()
     # A partition that failed earlier in this run is not tried again until the next run.
     tried = {(e.get("la"), e.get("quarter")) for e in summary.failed}
     gaps = [g for g in gaps if (g.la_code, g.quarter) not in tried]
     todo = {(g.la_code, g.quarter) for g in gaps}
     # An unusable submission (most rows rejected) ends at the validated layer by design.
-    current = {(g.la_code, g.quarter) for g in gaps} | {
-        (la, q) for la, q, _, usable in _current_submissions() if usable}
+    current = {(g.la_code, g.quarter) for g in gaps} | {(la, q) for la, q, _, usable in state if usable}
     todo |= (_stale_in_dagster(instance) & current) - tried
     if not todo:
         return
@@ -166,14 +170,6 @@ def _recover(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> No
     summary.accepted.extend(entries)
     _process_batches(defs, instance, entries, summary, log)
     summary.recovered.extend(f"{e['quarter']} x {e['la']}" for e in entries if e in summary.accepted)
-
-
-def _current_submissions() -> list[tuple[str, str, str, bool | None]]:
-    from cld_pipeline.defs.resources import LockedDuckDBResource
-    from cld_pipeline.lib.ingest import chain
-
-    with LockedDuckDBResource(database=str(settings.identifiable_db_path())).get_connection() as con:
-        return chain.processor_state(con)
 
 
 def _process_arrivals(defs, instance: dg.DagsterInstance, summary: RunSummary, log) -> None:
@@ -360,13 +356,15 @@ def _rebuild_quarters(defs, instance: dg.DagsterInstance, summary: RunSummary, l
 def stale_quarters(instance: dg.DagsterInstance, hospital_held: bool) -> set[str]:
     """Quarters whose linked or benchmark tables were last built before their newest pseudonymised
     partition (or hospital extract): a run stopped before it rebuilt them, or while it did."""
+    from cld_pipeline.defs.partitions import submission_partitions
+
     def latest(key: dg.AssetKey) -> dict[str, int]:
         return instance.event_log_storage.get_latest_storage_id_by_partition(
             key, dg.DagsterEventType.ASSET_MATERIALIZATION)
 
     newest: dict[str, int] = {}
     for key, storage_id in latest(BATCH_ASSETS[3]).items():
-        quarter = next(part for part in key.split("|") if "-Q" in part)
+        quarter = submission_partitions.get_partition_key_from_str(key).keys_by_dimension["quarter"]
         newest[quarter] = max(newest.get(quarter, -1), storage_id)
     hospital = max(latest(dg.AssetKey(["pseudonymised", "hospital_episodes"])).values(), default=-1)
     linked = latest(dg.AssetKey(["linked", "match_rates"]))

@@ -37,6 +37,10 @@ def stopped_short(instance: dg.DagsterInstance) -> dict[str, int]:
     return {key: sid for key, sid in raw.items() if any(done.get(key, -1) < sid for done in later)}
 
 
+def _quarter(key: str) -> str:
+    return submission_partitions.get_partition_key_from_str(key).keys_by_dimension["quarter"]
+
+
 def _busy_or_failed(instance: dg.DagsterInstance, keys: set[str]) -> set[str]:
     busy: set[str] = set()
     quarters_busy: set[str] = set()
@@ -45,9 +49,9 @@ def _busy_or_failed(instance: dg.DagsterInstance, keys: set[str]) -> set[str]:
         if "dagster/partition" in tags:
             busy.add(tags["dagster/partition"])
         elif RANGE_START in tags:          # a batch or a quarter's backfill: leave its quarter alone
-            quarters_busy.add(next((p for p in tags[RANGE_START].split("|") if "-Q" in p), ""))
+            quarters_busy.add(_quarter(tags[RANGE_START]))
     for key in keys - busy:
-        if any(part in quarters_busy for part in key.split("|")):
+        if _quarter(key) in quarters_busy:
             busy.add(key)
             continue
         last = instance.get_run_records(dg.RunsFilter(job_name=ingest_submission_job.name,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from cld_pipeline.lib.validation.store import ensure_usable_column
+
 
 @dataclass(frozen=True)
 class Gap:
@@ -41,7 +43,7 @@ def processor_state(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str,
     if not _exists(con, "validated", "submissions"):
         return [(la, q, s, None) for la, q, s in con.execute(
             "SELECT la_code, quarter, submission_id FROM raw.submissions WHERE status = 'accepted'").fetchall()]
-    con.execute("ALTER TABLE validated.submissions ADD COLUMN IF NOT EXISTS usable BOOLEAN DEFAULT true")
+    ensure_usable_column(con)
     return con.execute("""
         SELECT r.la_code, r.quarter, r.submission_id, CASE WHEN v.submission_id IS NOT NULL THEN v.usable END
         FROM raw.submissions r LEFT JOIN validated.submissions v USING (submission_id)

@@ -36,7 +36,7 @@ def replace_partitions(con: duckdb.DuckDBPyConnection, submissions: list[dict], 
         accepted_rows BIGINT, rejected_rows BIGINT, flagged_rows BIGINT,
         stated_period_start DATE, stated_period_end DATE, derived_period_start DATE, derived_period_end DATE,
         period_differs BOOLEAN, report_html VARCHAR, report_csv VARCHAR, seconds VARCHAR, validated_at TIMESTAMP)""")
-    _ensure_usable_column(con)
+    ensure_usable_column(con)
     now = dt.datetime.now()
     batch = [{"submission_id": b["submission_id"], "la_code": b["la_code"], "quarter": b["quarter"],
               "raw_rows": b["summary"]["raw_rows"], "accepted_rows": b["summary"]["accepted_rows"],
@@ -70,13 +70,13 @@ def replace_partitions(con: duckdb.DuckDBPyConnection, submissions: list[dict], 
     return restricted
 
 
-def _ensure_usable_column(con: duckdb.DuckDBPyConnection) -> None:
+def ensure_usable_column(con: duckdb.DuckDBPyConnection) -> None:
     """`validated.submissions.usable`, added to stores made before batches existed."""
     con.execute("ALTER TABLE validated.submissions ADD COLUMN IF NOT EXISTS usable BOOLEAN DEFAULT true")
 
 
 def unusable_submissions(con: duckdb.DuckDBPyConnection, submission_ids: list[str]) -> set[str]:
     """Which of these submissions the validated layer judged unusable (most rows rejected)."""
-    _ensure_usable_column(con)
+    ensure_usable_column(con)
     return {r[0] for r in con.execute("SELECT submission_id FROM validated.submissions WHERE NOT usable AND "
                                       "submission_id IN (SELECT unnest($ids))", {"ids": submission_ids}).fetchall()}
