@@ -44,7 +44,8 @@ def group_of(code_list: str, expr: str, default: str = "NULL") -> str:
     return f"CASE {expr} {whens} ELSE {default} END"
 
 
-def rank_of(code_list: str, expr: str, default: int = 999) -> str:
+def rank_of(code_list: str, expr: str, default: int | str = 999) -> str:
+    """CASE mapping a cleaned value to its rank in the spec (`default` for unranked values, NULL too)."""
     cl = load_spec().code_list(code_list)
     whens = " ".join(f"WHEN {_quote(v.value)} THEN {v.rank}" for v in cl.values + cl.derived_values
                      if v.rank is not None)
@@ -154,14 +155,14 @@ def unique_events_sql(stacked: str, single: bool) -> str:
                     USING (la_code)) r"""
     return f"""
         WITH refs AS (SELECT *, {ref} AS der_unique_event_ref,
-                             {rank_of('event_outcome', 'event_outcome_cleaned')} AS event_outcome_hierarchy
+                             {rank_of('event_outcome', 'event_outcome_cleaned', 'NULL')} AS event_outcome_hierarchy
                       FROM {stacked}),
         cropped AS ({cropped})
         SELECT * FROM cropped
         QUALIFY row_number() OVER (
             PARTITION BY der_unique_event_ref
             ORDER BY ref_period_end DESC, coalesce(der_event_end_date, {OPEN_END}) DESC,
-                     event_outcome_hierarchy ASC, der_conversation DESC NULLS LAST,
+                     coalesce(event_outcome_hierarchy, 999) ASC, der_conversation DESC NULLS LAST,
                      received_at DESC, row_number DESC) = 1"""
 
 

@@ -67,11 +67,14 @@ def persons_sql(joined: str = "joined") -> str:
         {latest_known('gender_cleaned', (value('gender', 'unknown'),), value('gender', 'unknown'))},
         {latest_known('primary_support_reason_cleaned', (value('primary_support_reason', 'support_to_carer'),), "'Unknown'")},
         latest_service AS (
+            -- DHSC: the one useful type (ranked) and the one useful component among the latest services
             SELECT la_code, person_id,
-                   CASE WHEN count(DISTINCT service_type_cleaned) = 1 THEN any_value(service_type_cleaned) END AS st,
-                   CASE WHEN count(DISTINCT coalesce(service_component_cleaned, '')) = 1
-                        THEN any_value(service_component_cleaned) END AS sc
-            FROM (SELECT *, dense_rank() OVER (PARTITION BY la_code, person_id ORDER BY
+                   CASE WHEN count(DISTINCT service_type_cleaned) FILTER (WHERE type_rank < 99) = 1
+                        THEN any_value(service_type_cleaned) FILTER (WHERE type_rank < 99) END AS st,
+                   CASE WHEN count(DISTINCT service_component_cleaned) FILTER (WHERE {comp_order} = 0) = 1
+                        THEN any_value(service_component_cleaned) FILTER (WHERE {comp_order} = 0) END AS sc
+            FROM (SELECT *, {rank_of('service_type', 'service_type_cleaned', 99)} AS type_rank,
+                         dense_rank() OVER (PARTITION BY la_code, person_id ORDER BY
                       coalesce(der_event_end_date, {OPEN_END}) DESC, {rank_of('service_type', 'service_type_cleaned', 99)},
                       {comp_order}, event_start_date DESC) AS rk
                   FROM {joined} WHERE {_is_service()})
@@ -87,7 +90,7 @@ def persons_sql(joined: str = "joined") -> str:
         )
         SELECT b.la_code, b.person_id, b.birth_year, b.birth_month, b.date_of_death, g.gender_cleaned,
                p.primary_support_reason_cleaned,
-               CASE WHEN x.{acc} <> {a['unknown']} THEN x.{acc}
+               CASE WHEN x.{acc} NOT IN ({a['unknown']}, {invalid}) THEN x.{acc}   -- DHSC: invalid is Unknown
                     WHEN s.st = {svc['lts_nursing']} THEN {a['nursing_home']}
                     WHEN s.st = {svc['lts_residential']} THEN {a['care_home']}
                     WHEN s.sc = {comp['shared_lives']} THEN {a['shared_lives']}
@@ -97,7 +100,7 @@ def persons_sql(joined: str = "joined") -> str:
                     WHEN s.st = {svc['lts_community']} THEN {a['presumed_community']}
                     WHEN s.st = {svc['lts_prison']} THEN {a['prison']}
                     ELSE {a['unknown']} END AS accommodation_status,
-               x.{acc} <> {a['unknown']} AS accommodation_known
+               x.{acc} NOT IN ({a['unknown']}, {invalid}) AS accommodation_known
         FROM birth b
         JOIN {acc}_pick x USING (la_code, person_id)
         JOIN gender_cleaned_pick g USING (la_code, person_id)
@@ -105,108 +108,156 @@ def persons_sql(joined: str = "joined") -> str:
         LEFT JOIN latest_service s USING (la_code, person_id)"""
 
 
-# --- ASCOF 2A ---------------------------------------------------------------------------------------
+# --- ASCOF 2A (DHSC Create_ASCOF_2A_2425_Onwards.sql) ----------------------------------------------
 
-def ascof_2a_sql(joined: str = "joined", persons: str = "persons") -> str:
-    """Reablement (ST-Max) clusters ending in the year, of new clients, classified by their sequel."""
-    o = {k: value("event_outcome", k) for k in (
-        "nfa_deceased", "admitted_hospital", "nfa_ended_planned", "continuation", "progress_services",
-        "progress_assessment", "progress_reablement", "release1_only")}
+UNABLE_TO_CLASSIFY = ("continuation", "progress_services", "progress_assessment", "progress_reablement", "release1_only")
+ASCOF_2A_DENOMINATOR_ONLY = (*LONG_TERM,)
+ASCOF_2A_NUMERATOR_OUTCOMES = ("nfa_information", "nfa_ended_planned", "nfa_moved", "nfa_other", "nfa_no_services",
+                               "nfa_ended_other", "nfa_other_service")
+
+
+def _outcome_hierarchy(col: str) -> str:
+    """DHSC's #REF_Event_Outcome_Hierarchy_UTC: the outcome's rank, +100 for the outcomes that cannot
+    classify a sequel (and 'Invalid and not mapped'), 999 for a blank or unranked outcome."""
     invalid = "'" + load_spec().derived.invalid_value + "'"
-    unusable = f"{o['continuation']}, {o['progress_services']}, {o['progress_assessment']}, " \
-               f"{o['progress_reablement']}, {o['release1_only']}, {invalid}"
-    usable_rank = f"CASE WHEN outcome IN ({unusable}) OR outcome IS NULL THEN rk + 100 ELSE rk END"
+    return (f"CASE WHEN {col} IN ({values('event_outcome', UNABLE_TO_CLASSIFY)}, {invalid}) "
+            f"THEN coalesce({rank_of('event_outcome', col, 'NULL')} + 100, 999) "
+            f"ELSE {rank_of('event_outcome', col, 999)} END")
+
+
+def ascof_2a_clusters_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """One row per ST-Max cluster ending in the year, of a new client: its age band, DHSC's sequel
+    type (1 deceased, 2 admitted to hospital, 3 a service, 4a/4b/4c an outcome of the cluster, of a
+    following non-service event or of a nested assessment or review, 5 equipment, 6 unable to
+    classify) and final outcome, and whether it counts in the denominator and numerator."""
+    spec = load_spec()
+    invalid = "'" + spec.derived.invalid_value + "'"
     st = {k: value("service_type", k) for k in ("st_max", "st_other", "st_low_level", *LONG_TERM)}
     st_res = values("service_component", ("st_residential", "st_nursing"))
-    equipment = value("service_component", "equipment")
-    denominator = ", ".join([*(st[k] for k in LONG_TERM), st["st_low_level"], st["st_other"],
-                             f"'{ST_RESIDENTIAL_OR_NURSING}'",
-                             values("event_outcome", ("nfa_information", "nfa_ended_planned", "nfa_moved", "nfa_other",
-                                                      "nfa_no_services", "nfa_ended_other", "nfa_other_service"))])
-    not_numerator = ", ".join([*(st[k] for k in LONG_TERM), f"'{ST_RESIDENTIAL_OR_NURSING}'"])
+    service, assessment, review = is_event("service", "event_type"), is_event("assessment", "event_type"), \
+        is_event("review", "event_type")
+    ended_planned = value("event_outcome", "nfa_ended_planned")
+    # Hierarchy value -> outcome, for step 4's minimum (the ranks below 100 are unique in the spec).
+    by_rank = " ".join(f"WHEN {v.rank} THEN '{v.value.replace(chr(39), chr(39) * 2)}'"
+                       for v in spec.code_list("event_outcome").values if v.rank is not None)
+    service_rank = f"coalesce({rank_of('service_type', 'service_type', 'NULL')}, 99)"
+    denominator = ", ".join([*(st[k] for k in LONG_TERM), st["st_low_level"], st["st_other"], f"'{ST_RESIDENTIAL_OR_NURSING}'",
+                             values("event_outcome", ASCOF_2A_NUMERATOR_OUTCOMES)])
+    numerator = ", ".join([st["st_low_level"], st["st_other"], values("event_outcome", ASCOF_2A_NUMERATOR_OUTCOMES)])
     return f"""
-        WITH stmax AS (
-            SELECT la_code, person_id, event_start_date AS s, coalesce(der_event_end_date, {OPEN_END}) AS e,
-                   event_outcome_cleaned AS outcome, event_outcome_hierarchy AS rk,
-                   submission_id || lpad(CAST(row_number AS VARCHAR), 10, '0') AS rid
+        WITH build AS (   -- service users' events with a start, ending on or after it; open ends far in the future
+            SELECT la_code, person_id, event_type_cleaned AS event_type, event_start_date AS s,
+                   coalesce(der_event_end_date, {OPEN_END}) AS e, service_type_cleaned AS service_type,
+                   service_component_cleaned AS service_component,
+                   coalesce(event_outcome_cleaned, {invalid}) AS outcome, {_outcome_hierarchy('event_outcome_cleaned')} AS h,
+                   row_number() OVER (ORDER BY received_at, submission_id, row_number) AS rid   -- load order
             FROM {joined}
-            WHERE {_is_service()} AND service_type_cleaned = {st['st_max']} AND {_service_user()}
-        ), flagged AS (
-            SELECT *, CASE WHEN max(e) OVER w IS NULL OR date_diff('day', max(e) OVER w, s) > 7 THEN 1 ELSE 0 END AS new
-            FROM stmax WINDOW w AS (PARTITION BY la_code, person_id ORDER BY s, e, rk, rid DESC
-                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+            WHERE {_service_user()} AND person_id IS NOT NULL AND event_start_date IS NOT NULL
+              AND coalesce(der_event_end_date >= event_start_date, true)
+        ), stmax AS (
+            SELECT *, max(e) OVER (PARTITION BY la_code, person_id ORDER BY s, e, h, rid DESC
+                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS previous_end
+            FROM build WHERE {service} AND service_type = {st['st_max']}
         ), numbered AS (
-            SELECT *, sum(new) OVER (PARTITION BY la_code, person_id ORDER BY s, e, rk, rid DESC) AS cluster FROM flagged
-        ), clusters AS (
+            SELECT *, sum(CASE WHEN date_diff('day', previous_end, s) <= 7 THEN 0 ELSE 1 END)
+                          OVER (PARTITION BY la_code, person_id ORDER BY s, e, h, rid DESC) AS cluster
+            FROM stmax
+        ), clusters AS (   -- the cluster's outcome: its last-ending event's, then the best, then the last loaded
             SELECT la_code, person_id, cluster, min(s) AS cs, max(e) AS ce,
-                   arg_min(outcome, (-date_diff('day', DATE '2000-01-01', e), rk, rid)) AS outcome
+                   arg_max(outcome, (e, -h, rid)) AS c_outcome, arg_max(h, (e, -h, rid)) AS c_h
             FROM numbered GROUP BY ALL
         ), eligible AS (
-            SELECT c.*, {_age('c.ce', 'p.birth_year', 'p.birth_month')} AS age, p.date_of_death
-            FROM clusters c JOIN {persons} p USING (la_code, person_id)
+            SELECT c.*, {_age('c.ce', 'p.birth_year', 'p.birth_month')} AS age, p.date_of_death AS dod
+            FROM clusters c LEFT JOIN {persons} p USING (la_code, person_id)
             WHERE c.ce BETWEEN $period_start AND $period_end
               AND coalesce({_age('c.ce', 'p.birth_year', 'p.birth_month')} >= 18, true)
-              AND NOT coalesce(p.date_of_death < c.cs, false)
-              AND NOT EXISTS (
-                  SELECT 1 FROM {joined} j WHERE j.la_code = c.la_code AND j.person_id = c.person_id AND {_is_service()}
-                     AND j.service_type_cleaned IN ({', '.join(st[k] for k in LONG_TERM)}) AND j.event_start_date < c.cs
-                     AND (j.der_event_end_date IS NULL OR j.der_event_end_date > c.cs
-                          OR date_diff('day', j.der_event_end_date, c.cs) < 91))
-        ), next_service AS (
-            SELECT c.la_code, c.person_id, c.cluster,
-                   arg_min(CASE WHEN j.service_type_cleaned = {st['st_other']} AND j.service_component_cleaned IN ({st_res})
-                                THEN '{ST_RESIDENTIAL_OR_NURSING}' ELSE j.service_type_cleaned END,
-                           ({rank_of('service_type', 'j.service_type_cleaned', 99)},
-                            CASE WHEN j.service_component_cleaned IN ({st_res}) THEN 0 ELSE 1 END)) AS next_type
-            FROM eligible c JOIN {joined} j ON j.la_code = c.la_code AND j.person_id = c.person_id AND {_is_service()}
-             AND j.service_type_cleaned <> {st['st_max']}
-             AND j.service_type_cleaned NOT IN ({values('service_type', CARER_SUPPORT)})
-             AND j.event_start_date >= c.cs AND coalesce(j.der_event_end_date, {OPEN_END}) > c.ce
-             AND j.event_start_date <= c.ce + 7
+              AND coalesce(p.date_of_death >= c.cs, true)
+        ), around AS (   -- the person's other events (the cluster's own ST-Max rows left out)
+            SELECT c.la_code, c.person_id, c.cluster, c.cs, c.ce, b.*
+            FROM eligible c JOIN build b USING (la_code, person_id)
+            WHERE NOT ({service} AND b.service_type = {st['st_max']} AND b.s BETWEEN c.cs AND c.ce)
+        ), new_clients AS (   -- no long-term support started before and ending within 91 days of the start
+            SELECT c.* FROM eligible c WHERE NOT EXISTS (
+                SELECT 1 FROM around a WHERE a.la_code = c.la_code AND a.person_id = c.person_id AND a.cluster = c.cluster
+                   AND a.service_type IN ({', '.join(st[k] for k in LONG_TERM)}) AND a.s < c.cs
+                   AND date_diff('day', a.e, c.cs) < 91)
+        ), step1 AS (
+            SELECT la_code, person_id, cluster, {value('event_outcome', 'nfa_deceased')} AS final_outcome, '1' AS sequel_type
+            FROM new_clients WHERE date_diff('day', ce, dod) <= 7
+        ), step2 AS (
+            SELECT la_code, person_id, cluster, c_outcome, '2' FROM new_clients
+            WHERE c_outcome = {value('event_outcome', 'admitted_hospital')}
+              AND (la_code, person_id, cluster) NOT IN (SELECT (la_code, person_id, cluster) FROM step1)
+        ), remaining AS (
+            SELECT * FROM new_clients WHERE (la_code, person_id, cluster) NOT IN
+                (SELECT (la_code, person_id, cluster) FROM step1 UNION ALL SELECT (la_code, person_id, cluster) FROM step2)
+        ), window_rows AS (   -- started in the cluster and running past its end, or starting within 7 days after it
+            SELECT a.*, {service_rank} AS service_rank
+            FROM around a JOIN remaining r USING (la_code, person_id, cluster)
+            WHERE a.s >= a.cs AND a.e > a.ce AND date_diff('day', a.ce, a.s) <= 7
+            QUALIFY a.s < coalesce(min(CASE WHEN a.service_type = {st['st_max']} THEN a.s END)
+                                   OVER (PARTITION BY a.la_code, a.person_id, a.cluster), {OPEN_END})
+        ), step3 AS (   -- a service: the highest in the hierarchy, short-term residential or nursing first
+            SELECT la_code, person_id, cluster,
+                   arg_min(CASE WHEN service_type = {st['st_other']} AND service_component IN ({st_res})
+                                THEN '{ST_RESIDENTIAL_OR_NURSING}' ELSE service_type END,
+                           (service_rank, CASE WHEN service_component IN ({st_res}) THEN 1 ELSE 2 END)) AS final_outcome,
+                   '3' AS sequel_type
+            FROM window_rows GROUP BY ALL HAVING min(service_rank) <> 99
+        ), step4_pool AS (
+            SELECT * FROM remaining WHERE (la_code, person_id, cluster) NOT IN (SELECT (la_code, person_id, cluster) FROM step3)
+        ), nested AS (   -- events starting and ending inside the cluster, ending after its first day
+            SELECT a.* FROM around a JOIN step4_pool r USING (la_code, person_id, cluster)
+            WHERE a.s >= a.cs AND a.e > a.cs AND a.e <= a.ce
+        ), sources AS (
+            -- 4a: the cluster's own usable outcome when nothing follows it
+            SELECT la_code, person_id, cluster, c_h AS h, 1 AS source FROM step4_pool r
+            WHERE c_h < 100 AND NOT EXISTS (SELECT 1 FROM window_rows w WHERE w.la_code = r.la_code
+                                            AND w.person_id = r.person_id AND w.cluster = r.cluster)
+            UNION ALL   -- 4a and 4b: following non-service events (not 'support ended as planned')
+            SELECT DISTINCT r.la_code, r.person_id, r.cluster, unnest([r.c_h, CASE WHEN w.h < 100 THEN w.h END]),
+                   unnest([1, 2])
+            FROM step4_pool r JOIN window_rows w USING (la_code, person_id, cluster)
+            WHERE (r.c_h < 100 OR w.h < 100) AND w.outcome <> {ended_planned} AND NOT coalesce({service.replace('event_type', 'w.event_type')}, true)
+            UNION ALL   -- 4c: the last-ending usable assessment or review ending in the cluster's last 13 days
+            SELECT la_code, person_id, cluster, arg_max(h, (e, -h, rid)), 3 FROM nested
+            WHERE ({assessment} OR {review}) AND date_diff('day', e, ce) < 14 AND h < 100
             GROUP BY ALL
-        ), candidates AS (
-            SELECT la_code, person_id, cluster, outcome, rk FROM (
-                SELECT c.la_code, c.person_id, c.cluster, c.outcome, {rank_of('event_outcome', 'c.outcome')} AS rk
-                FROM eligible c
-                UNION ALL
-                SELECT c.la_code, c.person_id, c.cluster, j.event_outcome_cleaned, j.event_outcome_hierarchy
-                FROM eligible c JOIN {joined} j ON j.la_code = c.la_code AND j.person_id = c.person_id
-                 AND NOT ({_is_service()}) AND j.event_start_date BETWEEN c.ce AND c.ce + 7
-                 AND j.event_outcome_cleaned <> {o['nfa_ended_planned']}
-                UNION ALL
-                SELECT c.la_code, c.person_id, c.cluster, j.event_outcome_cleaned, j.event_outcome_hierarchy
-                FROM eligible c JOIN {joined} j ON j.la_code = c.la_code AND j.person_id = c.person_id
-                 AND ({is_event('assessment', 'j.event_type_cleaned')} OR {is_event('review', 'j.event_type_cleaned')})
-                 AND j.event_start_date >= c.cs AND j.der_event_end_date <= c.ce
-                 AND date_diff('day', j.der_event_end_date, c.ce) < 14)
-        ), best AS (
-            SELECT la_code, person_id, cluster, arg_min(outcome, {usable_rank}) AS outcome, min({usable_rank}) AS r
-            FROM candidates GROUP BY ALL
-        ), equipment AS (
-            SELECT DISTINCT c.la_code, c.person_id, c.cluster FROM eligible c JOIN {joined} j
-              ON j.la_code = c.la_code AND j.person_id = c.person_id AND {_is_service()}
-             AND j.service_component_cleaned = {equipment} AND j.event_start_date >= c.cs
-             AND coalesce(j.der_event_end_date, {OPEN_END}) <= c.ce
-        ), sequel AS (
-            SELECT c.*,
-                   CASE WHEN c.date_of_death <= c.ce + 7 THEN {o['nfa_deceased']}
-                        WHEN c.outcome = {o['admitted_hospital']} THEN c.outcome
-                        WHEN n.next_type IS NOT NULL THEN n.next_type
-                        WHEN b.r < 100 THEN b.outcome
-                        WHEN q.cluster IS NOT NULL THEN {st['st_low_level']}
-                        ELSE c.outcome END AS final_outcome
-            FROM eligible c
-            LEFT JOIN next_service n USING (la_code, person_id, cluster)
-            LEFT JOIN best b USING (la_code, person_id, cluster)
-            LEFT JOIN equipment q USING (la_code, person_id, cluster)
-        ), classified AS (
-            SELECT *, final_outcome IN ({denominator}) AS in_den,
-                   final_outcome IN ({denominator}) AND final_outcome NOT IN ({not_numerator}) AS in_num
-            FROM sequel
+        ), step4 AS (
+            SELECT la_code, person_id, cluster, CASE min(h) {by_rank} END AS final_outcome,
+                   '4' || chr(96 + CAST(arg_min(source, (h, source)) AS INTEGER)) AS sequel_type
+            FROM sources WHERE h IS NOT NULL GROUP BY ALL
+        ), step5 AS (
+            SELECT DISTINCT la_code, person_id, cluster, {st['st_low_level']} AS final_outcome, '5' AS sequel_type
+            FROM nested WHERE {service} AND service_component = {value('service_component', 'equipment')}
+              AND (la_code, person_id, cluster) NOT IN (SELECT (la_code, person_id, cluster) FROM step4)
+        ), assigned AS (
+            SELECT * FROM step1 UNION ALL SELECT * FROM step2 UNION ALL SELECT * FROM step3
+            UNION ALL SELECT * FROM step4 UNION ALL SELECT * FROM step5
         )
+        SELECT c.la_code, c.person_id, c.cluster, {_band('c.age')} AS age_band,
+               coalesce(a.sequel_type, '6') AS sequel_type, coalesce(a.final_outcome, c.c_outcome) AS final_outcome,
+               coalesce(a.final_outcome, c.c_outcome) IN ({denominator}) AS in_denominator,
+               coalesce(a.final_outcome, c.c_outcome) IN ({numerator}) AS in_numerator
+        FROM new_clients c LEFT JOIN assigned a USING (la_code, person_id, cluster)"""
+
+
+def ascof_2a_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """Short-term support (ST-Max) of new clients with no further request for long-term support."""
+    return f"""
         SELECT la_code, '2A' AS measure, grp AS measure_group,
-               count(*) FILTER (WHERE in_num) AS numerator, count(*) FILTER (WHERE in_den) AS denominator
-        FROM (SELECT *, unnest(list_filter(['{TOTAL}', {_band('age')}], lambda x: x IS NOT NULL)) AS grp FROM classified)
+               count(*) FILTER (WHERE in_numerator) AS numerator, count(*) FILTER (WHERE in_denominator) AS denominator
+        FROM (SELECT *, unnest(list_filter(['{TOTAL}', age_band], lambda x: x IS NOT NULL)) AS grp
+              FROM ({ascof_2a_clusters_sql(joined, persons)}))
+        GROUP BY ALL"""
+
+
+def ascof_2a_outcomes_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """DHSC's 2A breakdown: clusters by age group, sequel type and final outcome."""
+    return f"""
+        SELECT la_code, grp AS age_group, sequel_type, final_outcome, in_denominator, in_numerator, count(*) AS clusters
+        FROM (SELECT *, unnest(list_filter(['{TOTAL}', age_band], lambda x: x IS NOT NULL)) AS grp
+              FROM ({ascof_2a_clusters_sql(joined, persons)}))
         GROUP BY ALL"""
 
 
@@ -242,26 +293,36 @@ def ascof_2bc_sql(joined: str = "joined", persons: str = "persons", population: 
 
 # --- ASCOF 2E ---------------------------------------------------------------------------------------
 
-def ascof_2e_sql(joined: str = "joined", persons: str = "persons") -> str:
-    """Long-term support clients living at home or with family (settled accommodation)."""
+def _ascof_2e_people(joined: str, persons: str) -> str:
+    """DHSC's 2E cohort: long-term support clients in the year, alive at its start, aged 18 or over
+    or of unknown age, with their latest (or inferred) accommodation."""
     lts = values("service_type", LONG_TERM)
     settled = ", ".join("'" + v.value.replace("'", "''") + "'" for v in load_spec().code_list("accommodation_status").values
                         + load_spec().code_list("accommodation_status").derived_values if v.attrs.get("settled") == 1)
-    male, female = value("gender", "male"), value("gender", "female")
-    ld = value("primary_support_reason", "learning_disability")
     return f"""
         WITH clients AS (
             SELECT j.la_code, j.person_id,
                    max(least(coalesce(j.der_event_end_date, $period_end), $period_end)) AS at_day
             FROM {joined} j
             WHERE {_is_service()} AND j.service_type_cleaned IN ({lts}) AND {_service_user('j.client_type_cleaned')}
+              AND coalesce(j.der_event_end_date >= j.event_start_date, true)
               AND j.event_start_date <= $period_end AND coalesce(j.der_event_end_date, $period_end) >= $period_start
             GROUP BY ALL
-        ), people AS (
-            SELECT c.la_code, c.person_id, {_band(_age('c.at_day', 'p.birth_year', 'p.birth_month'))} AS band,
-                   p.accommodation_status IN ({settled}) AS settled, p.gender_cleaned, p.primary_support_reason_cleaned
-            FROM clients c JOIN {persons} p USING (la_code, person_id)
-            WHERE NOT coalesce(p.date_of_death < $period_start, false)
+        )
+        SELECT c.la_code, c.person_id, {_age('c.at_day', 'p.birth_year', 'p.birth_month')} AS age,
+               {_band(_age('c.at_day', 'p.birth_year', 'p.birth_month'))} AS band, p.accommodation_status,
+               p.accommodation_status IN ({settled}) AS settled, p.gender_cleaned, p.primary_support_reason_cleaned
+        FROM clients c JOIN {persons} p USING (la_code, person_id)
+        WHERE NOT coalesce(p.date_of_death < $period_start, false)
+          AND coalesce({_age('c.at_day', 'p.birth_year', 'p.birth_month')} >= 18, true)"""
+
+
+def ascof_2e_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """Long-term support clients living at home or with family (settled accommodation)."""
+    male, female = value("gender", "male"), value("gender", "female")
+    ld = value("primary_support_reason", "learning_disability")
+    return f"""
+        WITH people AS ({_ascof_2e_people(joined, persons)}
         ), grouped AS (
             SELECT *, unnest(list_filter(['{TOTAL}', CASE gender_cleaned WHEN {male} THEN 'Male'
                                                         WHEN {female} THEN 'Female' END], lambda x: x IS NOT NULL)) AS sex
@@ -275,22 +336,40 @@ def ascof_2e_sql(joined: str = "joined", persons: str = "persons") -> str:
         FROM grouped WHERE band = '{AGE_18_64}' AND primary_support_reason_cleaned = {ld} GROUP BY ALL"""
 
 
-def ascof_2e_excluded_sql(joined: str = "joined", persons: str = "persons") -> str:
-    """People whose accommodation is unknown, invalid or inferred (DHSC's LA_PBI_ASCOF_Excl)."""
-    lts = values("service_type", LONG_TERM)
+UNKNOWN_ACCOMMODATION = "Accommodation status unknown or invalid"
+UNKNOWN_DELIVERY = "Unknown or invalid delivery mechanism, or unable to deduce from service component"
+
+
+def ascof_exclusions_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """DHSC's LA_PBI_ASCOF_Excl: people in a measure's cohort whose accommodation (2E, 2E-LD) or
+    delivery mechanism (3D clients and carers) is unknown, invalid or only inferred. People of
+    unknown age are counted here although the measure leaves them out, as DHSC does."""
+    a = values("accommodation_status", ("unknown", "presumed_home", "presumed_community"))
+    ld = value("primary_support_reason", "learning_disability")
     return f"""
-        SELECT p.la_code, count(DISTINCT p.person_id) AS people
-        FROM {persons} p WHERE NOT p.accommodation_known AND EXISTS (
-            SELECT 1 FROM {joined} j WHERE j.la_code = p.la_code AND j.person_id = p.person_id AND {_is_service()}
-               AND j.service_type_cleaned IN ({lts}) AND j.event_start_date <= $period_end
-               AND coalesce(j.der_event_end_date, $period_end) >= $period_start)
-        GROUP BY ALL"""
+        WITH people AS ({_ascof_2e_people(joined, persons)})
+        SELECT la_code, '2E' AS measure, '{UNKNOWN_ACCOMMODATION}' AS reason, count(DISTINCT person_id) AS people
+        FROM people WHERE accommodation_status IN ({a}) GROUP BY ALL
+        UNION ALL
+        SELECT la_code, '2E-LD', '{UNKNOWN_ACCOMMODATION}', count(DISTINCT person_id)
+        FROM people WHERE accommodation_status IN ({a}) AND band = '{AGE_18_64}' AND primary_support_reason_cleaned = {ld}
+        GROUP BY ALL
+        UNION ALL
+        SELECT la_code, CASE who WHEN 'client' THEN '3D (clients)' ELSE '3D (carers)' END, '{UNKNOWN_DELIVERY}',
+               count(DISTINCT person_id)
+        FROM ({_ascof_3d_ranked(joined, persons)}) WHERE unknown_delivery GROUP BY ALL"""
 
 
 # --- ASCOF 3D ---------------------------------------------------------------------------------------
 
-def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
-    """Self-directed support and direct payments: clients (1a, 2a) at year end, carers (1b, 2b) in year."""
+def _ascof_3d_ranked(joined: str, persons: str) -> str:
+    """One row per person of 3D's cohorts: `who` client (long-term support open at the period end,
+    alive then: a death on the last day still counts, as DHSC keeps Date_of_Death_Latest >= the
+    period end) or carer (support in the year, alive at its start), the best-ranked support
+    (clients: 1 nursing, 2 residential, 3-6 community by direct payment, managed budget,
+    commissioned, unknown; 7-9 prison; carers: 1 direct payment ... 4 unknown delivery mechanism,
+    5 information only, 6 no direct support), age at the period end (the youngest record for carers),
+    and whether the delivery mechanism is unknown (DHSC's exclusion count)."""
     st = {k: value("service_type", k) for k in (*LONG_TERM, *CARER_SUPPORT)}
     dm = {k: value("delivery_mechanism", k) for k in ("direct_payment", "managed_budget", "commissioned")}
     dp_component = value("service_component", "direct_payment")
@@ -304,25 +383,20 @@ def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
             FROM {joined} j JOIN {persons} p USING (la_code, person_id)
             WHERE {_is_service()} AND {_service_user('j.client_type_cleaned')}
               AND j.service_type_cleaned IN ({values('service_type', LONG_TERM)})
+              AND coalesce(j.der_event_end_date >= j.event_start_date, true)
               AND j.event_start_date <= $period_end AND coalesce(j.der_event_end_date, $period_end) >= $period_end
-              AND NOT coalesce(p.date_of_death <= $period_end, false)
+              AND coalesce(p.date_of_death >= $period_end, true)
         ), ranked AS (
-            SELECT *, CASE WHEN st IN ({st['lts_community']}, {st['lts_prison']})
-                           AND dm0 IN ({dm['direct_payment']}, {dm['managed_budget']}, {dm['commissioned']})
-                           THEN dm0 ELSE '' END AS dm,
-                   CASE WHEN st = {st['lts_nursing']} THEN 1 WHEN st = {st['lts_residential']} THEN 2
-                        WHEN st = {st['lts_community']} THEN CASE dm0 WHEN {dm['direct_payment']} THEN 3
-                             WHEN {dm['managed_budget']} THEN 4 WHEN {dm['commissioned']} THEN 5 ELSE 6 END
-                        ELSE CASE dm0 WHEN {dm['managed_budget']} THEN 7 WHEN {dm['commissioned']} THEN 8 ELSE 9 END
-                   END AS rk
+            SELECT *, CASE WHEN st = {st['lts_nursing']} THEN 1 WHEN st = {st['lts_residential']} THEN 2
+                           WHEN st = {st['lts_community']} THEN CASE dm0 WHEN {dm['direct_payment']} THEN 3
+                                WHEN {dm['managed_budget']} THEN 4 WHEN {dm['commissioned']} THEN 5 ELSE 6 END
+                           ELSE CASE dm0 WHEN {dm['managed_budget']} THEN 7 WHEN {dm['commissioned']} THEN 8 ELSE 9 END
+                      END AS rk
             FROM client_services
         ), clients AS (
-            SELECT r.la_code, r.person_id, min(r.rk) AS best, any_value(p.birth_year) AS birth_year,
-                   any_value(p.birth_month) AS birth_month
+            SELECT r.la_code, r.person_id, min(r.rk) AS best,
+                   {_age('$period_end', 'any_value(p.birth_year)', 'any_value(p.birth_month)')} AS age
             FROM ranked r JOIN {persons} p USING (la_code, person_id) GROUP BY ALL
-        ), client_groups AS (
-            SELECT *, unnest(list_filter(['{TOTAL}', {_band(_age('$period_end'))}], lambda x: x IS NOT NULL)) AS grp
-            FROM clients WHERE best BETWEEN 3 AND 6 AND coalesce({_age('$period_end')} >= 18, true)
         ), carer_events AS (
             SELECT j.la_code, j.person_id, j.birth_year, j.birth_month,
                    CASE WHEN j.service_type_cleaned = {st['carer_direct']} THEN
@@ -337,7 +411,7 @@ def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
                         WHEN j.service_type_cleaned IS NULL AND j.event_outcome_cleaned = {info} THEN 5
                         ELSE 6 END AS rk
             FROM {joined} j JOIN {persons} p USING (la_code, person_id)
-            WHERE j.client_type_cleaned IN ({carers})
+            WHERE j.client_type_cleaned IN ({carers}) AND coalesce(j.der_event_end_date >= j.event_start_date, true)
               AND j.event_start_date <= $period_end AND coalesce(j.der_event_end_date, $period_end) >= $period_start
               AND NOT coalesce(p.date_of_death < $period_start, false)
               AND ((j.service_type_cleaned IS NULL AND j.event_outcome_cleaned = {info})
@@ -345,13 +419,25 @@ def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
                    OR ((({is_event('assessment', 'j.event_type_cleaned')}) OR ({is_event('review', 'j.event_type_cleaned')}))
                        AND j.service_type_cleaned IS NULL))
         ), carers AS (
-            SELECT la_code, person_id, min(rk) AS best, max(make_date(birth_year, birth_month, 1)) AS youngest
+            SELECT la_code, person_id, min(rk) AS best,
+                   CAST(floor(date_diff('day', max(make_date(birth_year, birth_month, 1)), $period_end) / 365.25)
+                        AS INTEGER) AS age
             FROM carer_events WHERE rk IS NOT NULL GROUP BY ALL
-        ), carer_groups AS (
-            SELECT *, unnest(list_filter(['{TOTAL}', {_band("CAST(floor(date_diff('day', youngest, $period_end) / 365.25) AS INTEGER)")}],
-                                         lambda x: x IS NOT NULL)) AS grp
-            FROM carers
         )
+        SELECT la_code, person_id, 'client' AS who, best, age, best = 6 AS unknown_delivery
+        FROM clients WHERE coalesce(age >= 18, true)
+        UNION ALL
+        SELECT la_code, person_id, 'carer', best, age, best = 4 FROM carers WHERE coalesce(age >= 18, true)"""
+
+
+def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
+    """Self-directed support and direct payments: clients (1a, 2a) at year end, carers (1b, 2b) in year."""
+    return f"""
+        WITH people AS (
+            SELECT *, unnest(list_filter(['{TOTAL}', {_band('age')}], lambda x: x IS NOT NULL)) AS grp
+            FROM ({_ascof_3d_ranked(joined, persons)})
+        ), client_groups AS (SELECT * FROM people WHERE who = 'client' AND best BETWEEN 3 AND 6
+        ), carer_groups AS (SELECT * FROM people WHERE who = 'carer')
         SELECT la_code, '3D-1a' AS measure, grp AS measure_group, count(*) FILTER (WHERE best IN (3, 4)) AS numerator,
                count(*) AS denominator FROM client_groups GROUP BY ALL
         UNION ALL
@@ -364,27 +450,36 @@ def ascof_3d_sql(joined: str = "joined", persons: str = "persons") -> str:
         FROM carer_groups GROUP BY ALL"""
 
 
-# --- waiting times (section 4, provisional method v1.1) -------------------------------------------
+# --- waiting times (DHSC waiting_times_method.sql v1.1; v1.1.4 computes the same) ------------------
 
-def waits_sql(joined: str = "joined") -> str:
-    """One row per counted request: days to first response (request_to_assessment: the first
-    assessment, or the service/request overrides), from response to service, and to first service."""
-    o = {k: value("event_outcome", k) for k in ("progress_reablement", "progress_assessment", "progress_services",
-                                               "continuation", "release1_only")}
+WAIT_AGE_BANDS = ("25 to 64", "65 and above")   # DHSC's Modified_Working_Age_Band: 18 to 64 becomes 25 to 64
+
+
+def _wait_band(col: str = "der_working_age_band") -> str:
+    return f"CASE WHEN {col} = '{AGE_18_64}' THEN '{WAIT_AGE_BANDS[0]}' ELSE {col} END"
+
+
+def wait_events_sql(joined: str = "joined") -> str:
+    """DHSC stages 1.1 to 2.1: valid requests (service users aged 25 and over, from 2023-04-01, not
+    already receiving support, outcome group not NFA or admitted to hospital: a blank outcome is
+    dropped as SQL's NOT IN drops it) with the short and long term assessments and the services of
+    people aged 25 and over; `kind` 0 request, 1 assessment, 2 service; `band` the event's own band."""
     assessments = values("assessment_type", ("short_term", "long_term"))
     lts = values("service_type", LONG_TERM)
     short = values("service_type", ("st_max", "st_other"))
     all_services = values("service_type", (*LONG_TERM, "st_max", "st_low_level", "st_other"))
     request, assessment, service = is_event("request"), is_event("assessment"), is_event("service")
-    grouped_excluded = ", ".join(f"'{g}'" for g in ("NFA", load_spec().code_list("event_outcome").entry(
+    excluded_groups = ", ".join(f"'{g}'" for g in ("NFA", load_spec().code_list("event_outcome").entry(
         load_spec().code_list("event_outcome").value("admitted_hospital")).group))
+    cols = ("la_code, person_id, event_start_date AS s, event_outcome_cleaned AS outcome, der_conversation, received_at, "
+            f"row_number, assessment_type_cleaned, service_type_cleaned, {_wait_band()} AS band")
     return f"""
         WITH base AS (
             SELECT * FROM {joined} WHERE age_at_event_start >= 25 AND person_id IS NOT NULL
         ), requests AS (
             SELECT r.* FROM base r
             WHERE {request} AND {_service_user('r.client_type_cleaned')} AND r.event_start_date >= DATE '2023-04-01'
-              AND coalesce({group_of('event_outcome', 'r.event_outcome_cleaned')} NOT IN ({grouped_excluded}), true)
+              AND {group_of('event_outcome', 'r.event_outcome_cleaned')} NOT IN ({excluded_groups})
               AND NOT EXISTS (
                   SELECT 1 FROM {joined} s WHERE s.la_code = r.la_code AND s.person_id = r.person_id AND {service}
                      AND s.event_start_date < r.event_start_date
@@ -392,17 +487,24 @@ def waits_sql(joined: str = "joined") -> str:
                            OR s.der_event_end_date >= r.event_start_date - INTERVAL 12 MONTH))
                        OR (s.service_type_cleaned IN ({short}) AND (s.der_event_end_date IS NULL
                            OR s.der_event_end_date >= r.event_start_date - INTERVAL 3 MONTH))))
-        ), events AS (
-            SELECT la_code, person_id, event_start_date AS s, 0 AS kind, event_outcome_cleaned AS outcome,
-                   der_conversation, received_at, row_number, age_at_event_start AS age FROM requests
-            UNION ALL
-            SELECT la_code, person_id, event_start_date, 1, event_outcome_cleaned, der_conversation, received_at,
-                   row_number, age_at_event_start FROM base
-            WHERE {assessment} AND assessment_type_cleaned IN ({assessments})
-            UNION ALL
-            SELECT la_code, person_id, event_start_date, 2, event_outcome_cleaned, der_conversation, received_at,
-                   row_number, age_at_event_start FROM base
-            WHERE {service} AND service_type_cleaned IN ({all_services})
+        )
+        SELECT {cols}, 0 AS kind FROM requests
+        UNION ALL
+        SELECT {cols}, 1 FROM base WHERE {assessment} AND assessment_type_cleaned IN ({assessments})
+        UNION ALL
+        SELECT {cols}, 2 FROM base WHERE {service} AND service_type_cleaned IN ({all_services})"""
+
+
+def waits_sql(joined: str = "joined") -> str:
+    """One row per counted request (DHSC stages 2.2 to 4.1): its first response (`response`
+    'request' for a conversation-1 request before 2025-07-01, 'service' when a service comes before
+    any assessment, else 'assessment') and its first service (none after an assessment block that
+    does not progress to services), with their types and bands. A request whose follow-up overlaps
+    an earlier request's (stage 3.4, on the modified orders) is not counted."""
+    o = {k: value("event_outcome", k) for k in ("progress_reablement", "progress_assessment", "progress_services",
+                                               "continuation", "release1_only")}
+    return f"""
+        WITH events AS ({wait_events_sql(joined)}
         ), ordered AS (
             SELECT *, row_number() OVER (PARTITION BY la_code, person_id
                                          ORDER BY s, kind, received_at DESC, row_number DESC) AS ord,
@@ -410,41 +512,59 @@ def waits_sql(joined: str = "joined") -> str:
                                {o['continuation']}, {o['release1_only']}) AS request_progress,
                    outcome IN ({o['progress_reablement']}, {o['progress_services']}, {o['continuation']}) AS to_service
             FROM events
-            WHERE (la_code, person_id) IN (SELECT la_code, person_id FROM requests)
-        ), blocks AS (   -- consecutive assessments form a block that indicates progress if any member does
-            SELECT *, bool_or(to_service) OVER (PARTITION BY la_code, person_id, block) AS block_to_service
-            FROM (SELECT *, sum(CASE WHEN kind = 1 AND previous_kind = 1 THEN 0 ELSE 1 END)
+            WHERE (la_code, person_id) IN (SELECT la_code, person_id FROM events WHERE kind = 0)
+        ), blocks AS (   -- stage 2.3b: a run of consecutive assessments progresses if any of them does
+            SELECT *, bool_or(coalesce(to_service, false)) FILTER (WHERE kind = 1)
+                          OVER (PARTITION BY la_code, person_id, block) AS block_to_service
+            FROM (SELECT *, sum(CASE WHEN kind <> 1 THEN 1 ELSE 0 END)
                                 OVER (PARTITION BY la_code, person_id ORDER BY ord ROWS UNBOUNDED PRECEDING) AS block
-                  FROM (SELECT *, lag(kind) OVER (PARTITION BY la_code, person_id ORDER BY ord) AS previous_kind
-                        FROM ordered))
-        ), firsts AS (
-            SELECT r.la_code, r.person_id, r.ord, r.s AS request_start, r.der_conversation, r.request_progress, r.age,
-                   min(a.ord) AS a_ord, min(v.ord) AS v_ord
-            FROM blocks r
-            LEFT JOIN blocks a ON a.la_code = r.la_code AND a.person_id = r.person_id AND a.kind = 1 AND a.ord > r.ord
-            LEFT JOIN blocks v ON v.la_code = r.la_code AND v.person_id = r.person_id AND v.kind = 2 AND v.ord > r.ord
-            WHERE r.kind = 0 GROUP BY ALL
-        ), responses AS (
-            SELECT f.*, a.s AS a_start, a.block_to_service, v.s AS v_start, v.age AS v_age, a.age AS a_age,
-                   CASE WHEN f.request_start < DATE '2025-07-01' AND f.der_conversation AND f.request_progress
-                             AND (a.s IS NULL OR a.s > f.request_start) THEN 'request'
-                        WHEN v.ord IS NOT NULL AND (a.ord IS NULL OR v.ord < a.ord) THEN 'service'
-                        WHEN a.ord IS NOT NULL THEN 'assessment' END AS response
-            FROM firsts f
-            LEFT JOIN blocks a ON a.la_code = f.la_code AND a.person_id = f.person_id AND a.ord = f.a_ord
-            LEFT JOIN blocks v ON v.la_code = f.la_code AND v.person_id = f.person_id AND v.ord = f.v_ord
-        ), claimed AS (   -- method step 8: drop requests overlapping an earlier one's follow-up
-            SELECT *, max(greatest(coalesce(a_ord, 0), coalesce(v_ord, 0))) OVER w AS prev_follow_up,
-                   list(a_ord) OVER w AS prev_a, list(v_ord) OVER w AS prev_v
-            FROM responses WINDOW w AS (PARTITION BY la_code, person_id ORDER BY ord
-                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                  FROM ordered)
+        ), nexts AS (   -- stage 2.4: the first assessment and the first service after each event
+            SELECT *, min(CASE WHEN kind = 1 THEN ord END) OVER w AS a_ord, min(CASE WHEN kind = 2 THEN ord END) OVER w AS v_ord
+            FROM blocks WINDOW w AS (PARTITION BY la_code, person_id ORDER BY ord
+                                     ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING)
+        ), linked AS (
+            SELECT r.la_code, r.person_id, r.ord, r.s AS request_start, r.band AS request_band,
+                   CASE WHEN r.s < DATE '2025-07-01' AND coalesce(r.der_conversation, false) AND r.request_progress
+                             AND (a.s IS NULL OR r.s < a.s) THEN 'request'                       -- stage 3.1
+                        WHEN v.ord IS NOT NULL AND (a.ord IS NULL OR a.ord > v.ord) THEN 'service'  -- stage 3.2
+                        WHEN a.ord IS NOT NULL THEN 'assessment' END AS response,
+                   a.ord AS a_ord, a.s AS a_start, a.band AS a_band, a.assessment_type_cleaned AS a_type,
+                   a.block_to_service, v.ord AS v_ord, v.s AS v_start, v.band AS v_band, v.service_type_cleaned AS v_type
+            FROM nexts r
+            LEFT JOIN blocks a ON a.la_code = r.la_code AND a.person_id = r.person_id AND a.ord = r.a_ord
+            LEFT JOIN blocks v ON v.la_code = r.la_code AND v.person_id = r.person_id AND v.ord = r.v_ord
+            WHERE r.kind = 0
+        ), modified AS (   -- DHSC's modified next assessment (first response) and next service (stage 3.3)
+            SELECT *,
+                   CASE response WHEN 'request' THEN ord WHEN 'service' THEN v_ord WHEN 'assessment' THEN a_ord END AS m_a,
+                   CASE WHEN response = 'assessment' AND NOT block_to_service THEN NULL ELSE v_ord END AS m_s
+            FROM linked
+        ), flagged AS (   -- stage 3.4, token for token: greatest() ignores NULLs, comparisons with NULL never flag
+            SELECT *,
+                   coalesce(lag(greatest(m_a, m_s)) OVER w > ord, false)
+                   OR coalesce(m_a <= coalesce(max(m_a) OVER earlier, 0), false)
+                   OR coalesce(m_s <= coalesce(max(m_s) OVER earlier, 0), false) AS overlapping
+            FROM modified
+            WINDOW w AS (PARTITION BY la_code, person_id ORDER BY ord),
+                   earlier AS (PARTITION BY la_code, person_id ORDER BY ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
         )
-        SELECT la_code, person_id, request_start,
+        SELECT la_code, person_id, request_start, response,
                CASE response WHEN 'request' THEN request_start WHEN 'service' THEN v_start ELSE a_start END AS response_start,
-               CASE response WHEN 'service' THEN v_age WHEN 'assessment' THEN a_age ELSE age END AS response_age,
-               CASE WHEN response = 'assessment' AND NOT block_to_service THEN NULL ELSE v_start END AS service_start,
-               v_age AS service_age, response
-        FROM claimed
-        WHERE response IS NOT NULL
-          AND NOT coalesce(prev_follow_up > ord, false)
-          AND NOT coalesce(list_contains(prev_a, a_ord) OR list_contains(prev_v, v_ord), false)"""
+               CASE response WHEN 'request' THEN request_band WHEN 'service' THEN v_band ELSE a_band END AS response_band,
+               CASE response WHEN 'assessment' THEN a_type END AS response_assessment_type,
+               CASE WHEN m_s IS NOT NULL THEN v_start END AS service_start,
+               CASE WHEN m_s IS NOT NULL THEN v_band END AS service_band,
+               CASE WHEN m_s IS NOT NULL THEN v_type END AS service_type
+        FROM flagged
+        WHERE response IS NOT NULL AND NOT overlapping"""
+
+
+def wait_context_sql(joined: str = "joined") -> str:
+    """DHSC stage 5.1: requests, assessments and services behind the waits, by the event's own
+    statistical quarter and band (before people without a valid request are dropped, as DHSC does)."""
+    return f"""
+        SELECT la_code, CAST(date_trunc('quarter', s) AS DATE) AS statistical_quarter_start, band AS age_band,
+               count(*) FILTER (WHERE kind = 0) AS requests, count(*) FILTER (WHERE kind = 1) AS assessments,
+               count(*) FILTER (WHERE kind = 2) AS services
+        FROM ({wait_events_sql(joined)}) WHERE s >= DATE '2023-04-01' GROUP BY ALL"""
