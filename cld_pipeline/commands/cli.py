@@ -5,6 +5,7 @@
     cld-pipeline backfill --quarter Q [--la L] [--failed-only] [--status]
     cld-pipeline rights copy|restrict|unrestrict|object|erase (--nhs-number N | --la L --person-id P) --reason R
     cld-pipeline rights apply --request ID | list
+    cld-pipeline exclude add --submission ID --reason R | remove --submission ID | list [--received]
     cld-pipeline audit [--action A] [--limit N] [--verify]
     cld-pipeline retention [--dry-run] [--today DATE]
     cld-pipeline spec-docs [--check]
@@ -202,6 +203,42 @@ def _rights(args: argparse.Namespace) -> int:
     return 0 if not summary.get("rebuild_failed") and not summary.get("verification") else 1
 
 
+def _exclude(args: argparse.Namespace) -> int:
+    from cld_pipeline.commands import rights as subject_rights
+    from cld_pipeline.lib.benchmark import exclusions
+    from cld_pipeline.lib.privacy import audit
+    from cld_pipeline.lib.privacy.audit import current_actor
+
+    identifiable, analytics = subject_rights._zones()
+    try:
+        with analytics.get_connection() as con:
+            if args.action == "list":
+                rows = exclusions.received(con) if args.received else exclusions.listing(con)
+                print(json.dumps(rows, indent=2, default=str))
+                return 0
+            if not args.submission:
+                print(f"cld-pipeline exclude {args.action}: --submission is required", file=sys.stderr)
+                return 2
+            if args.action == "add":
+                row = exclusions.exclude(con, args.submission, args.reason or "", args.by or current_actor())
+                detail = {"la_code": row["la_code"], "quarter": row["quarter"], "reason": row["reason"]}
+            else:
+                if not exclusions.include(con, args.submission):
+                    print(f"cld-pipeline exclude: submission {args.submission} was not excluded", file=sys.stderr)
+                    return 3
+                detail = {}
+    except exclusions.ExclusionError as err:
+        print(f"cld-pipeline exclude: {err}", file=sys.stderr)
+        return 2
+    with identifiable.get_connection() as con:
+        audit.append(con, f"exclude:{args.action}", args.submission, detail, actor=args.by or current_actor(),
+                     purpose=detail.get("reason"))
+    quarter = detail.get("quarter") or "the quarters it covers"
+    print(f"{'excluded' if args.action == 'add' else 'included again'}  {args.submission}; the figures change when the "
+          f"benchmark is rebuilt: launch benchmark_quarter_job for {quarter} (and later quarters) in the UI.")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from cld_pipeline.defs.operations.audit import sync_dagster
     from cld_pipeline.commands import rights as subject_rights
@@ -328,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--lodge-only", action="store_true", help="record the request; apply it later or from the UI")
     rg.add_argument("--quiet", action="store_true", help="only the JSON summary")
     rg.set_defaults(func=_rights)
+
+    ex = sub.add_parser("exclude", help="the operator's list of submissions left out of the benchmark",
+                        description="DHSC's import blacklist: a listed submission is never chosen for the benchmark "
+                                    "(the council's previous file covers the period where there is one), and the "
+                                    "dashboards show it with its reason. Changes are audited; rebuild the quarter to "
+                                    "apply them.")
+    ex.add_argument("action", choices=["add", "remove", "list"])
+    ex.add_argument("--submission", help="the submission id (see `exclude list --received`)")
+    ex.add_argument("--reason", help="shown to councils: why the file is left out (no identifiers)")
+    ex.add_argument("--by", help="who decided (default: CLD_ACTOR or the user name)")
+    ex.add_argument("--received", action="store_true", help="with `list`: the submissions that could be listed")
+    ex.set_defaults(func=_exclude)
 
     au = sub.add_parser("audit", help="print the audit log (runs, materialisations, rights actions, exports)",
                         description="Syncs finished Dagster runs into the processor zone's append-only audit log "

@@ -35,8 +35,25 @@ SHARED = {
     "waiting_times": "Request to assessment (first response), assessment to service, request to service: people, "
                      "median, 90th percentile and share within 28 days.",
     "waiting_time_bands": "How many waits fall in each band of days, per interval and geography.",
+    "waiting_times_quarterly": "DHSC's waiting times by statistical quarter (of the follow-up event) and age band "
+                               "(25 to 64, 65 and above), every quarter since collection began: waits, median days, "
+                               "and the requests, assessments and services behind them.",
+    "waiting_time_diagnostics": "Which events the waits end in: the first response (request, assessment or service), "
+                                "the assessment type, the first service's type; per statistical quarter and age band.",
+    "data_quality": "Data-quality benchmark (DHSC's DQ values): for each field and rule, the rows it caught in the "
+                    "files behind the 12-month figures, as a share of submitted rows, beside England's share.",
     "ascof": "ASCOF 2A, 2B, 2C, 2D (parts 1, 2), 2E (and LD), 3D (1a, 2a, 1b, 2b): numerator, denominator, value.",
-    "comparison": "Each LA's headline figures beside its region and England, with its rank among LAs.",
+    "ascof_exclusions": "DHSC's ASCOF exclusions: people in the 2E and 2E-LD cohorts whose accommodation is unknown, "
+                        "invalid or only presumed, and 3D clients and carers whose delivery mechanism is unknown.",
+    "ascof_2a_outcomes": "ASCOF 2A's reablement clusters by age group, sequel type (deceased, hospital, service, "
+                         "outcome, equipment, unable to classify) and final outcome, with whether each counts.",
+    "comparison": "Each LA's headline figures beside its region and England, with its rank among the LAs that "
+                  "submitted (a council without a file is listed as such, never ranked).",
+    "bcf_metrics": "Better Care Fund metrics: ASCOF 2C and 2D parts 1 and 2 for each council with its region, the "
+                   "region and England (after disclosure control).",
+    "release_changes": "Each headline figure against the previous quarter's build; moves beyond the threshold "
+                       "(5% by default) flagged for the analyst who signs the quarter off.",
+    "method_log": "The method version that built the quarter and what changed in it (lib/benchmark/method.py).",
 }
 MAIN = {"single_submissions": "DHSC single-submissions main table: one row per unique event in the rolling 12 months.",
         "joined_submissions": "DHSC joined-submissions main table (every quarter since collection began, costs dropped)."}
@@ -44,7 +61,10 @@ KEYS = {name: dg.AssetKey(["benchmark", name]) for name in SHARED}
 MAIN_KEYS = {name: dg.AssetKey(["dhsc", name]) for name in MAIN}
 DASHBOARDS = dg.AssetKey(["benchmark", "la_dashboards"])
 COUNT_COLUMNS = {"activity": ("events", "people"), "costs": ("people",), "waiting_times": ("people",),
-                 "waiting_time_bands": ("people",), "ascof": ("numerator",)}
+                 "waiting_time_bands": ("people",), "ascof": ("numerator",), "bcf_metrics": ("numerator",),
+                 "waiting_times_quarterly": ("waits", "requests", "assessments", "services"),
+                 "waiting_time_diagnostics": ("waits",), "data_quality": ("rows", "submitted_rows"),
+                 "ascof_exclusions": ("people",), "ascof_2a_outcomes": ("clusters",)}
 
 
 class BenchmarkConfig(dg.Config):
@@ -52,6 +72,9 @@ class BenchmarkConfig(dg.Config):
                             "date (YYYY-MM-DD); blank: today. The same date always rebuilds the same tables.")
     joined_start: str = Field(default=str(benchmark.JOINED_START),
                               description="First day of the joined-submissions table (DHSC: 2023-04-01).")
+    release_change_threshold: float = Field(default=benchmark.RELEASE_CHANGE_THRESHOLD, ge=0,
+                                            description="Flag a headline figure moving more than this share on the "
+                                                        "previous quarter's build (0.05 = 5%).")
 
 
 def disclosure_problems(con, quarter: str) -> dict[str, int]:
@@ -65,6 +88,9 @@ def disclosure_problems(con, quarter: str) -> dict[str, int]:
     problems["waiting_times.statistics"] = con.execute(
         "SELECT count(*) FROM benchmark.waiting_times WHERE quarter = ? AND (median_days IS NOT NULL OR p90_days "
         "IS NOT NULL) AND (people IS NULL OR people < 8)", [quarter]).fetchall()[0][0]
+    problems["waiting_times_quarterly.statistics"] = con.execute(
+        "SELECT count(*) FROM benchmark.waiting_times_quarterly WHERE quarter = ? AND median_days IS NOT NULL "
+        "AND (waits IS NULL OR waits < 8)", [quarter]).fetchall()[0][0]
     return {k: v for k, v in problems.items() if v}
 
 
@@ -80,6 +106,10 @@ def disclosure_problems(con, quarter: str) -> dict[str, int]:
         dg.AssetCheckSpec("disclosure_control", asset=KEYS["activity"], blocking=True,
                           description="No shared count from 1 to 7, every count 0 or a multiple of 5, no median or "
                                       "percentile on fewer than 8 people, in every benchmark table of the quarter."),
+        dg.AssetCheckSpec("release_on_release", asset=KEYS["release_changes"],
+                          description="No headline figure of any council, region or England moved more than the "
+                                      "threshold on the previous quarter's build (a warning: the moves are listed in "
+                                      "benchmark.release_changes for the analyst who signs the quarter off)."),
         dg.AssetCheckSpec("every_la_has_a_submission", asset=MAIN_KEYS["single_submissions"],
                           description="Every council has a file covering the 12 months as of the date (a warning: "
                                       "DHSC reports missing councils and carries on)."),
@@ -112,6 +142,9 @@ def _benchmark_quarter_body(context: dg.AssetExecutionContext, config: Benchmark
             benchmark.build_raw_measures(con, inputs)
             phases["measures"], t = round(time.perf_counter() - t, 2), time.perf_counter()
             counts = benchmark.build_shared_tables(con, inputs)
+            counts.update(benchmark.build_release_tables(con, inputs, config.release_change_threshold))
+            moves = con.execute("SELECT count(*), count(DISTINCT geography_code) FROM release_changes "
+                                "WHERE flagged").fetchall()[0]
             phases["disclosure_control"], t = round(time.perf_counter() - t, 2), time.perf_counter()
             for table in benchmark.RAW_TABLES:
                 con.execute(f"COPY (SELECT '{quarter}' AS quarter, DATE '{as_of}' AS as_of_date, * FROM {table}) "
@@ -143,9 +176,16 @@ def _benchmark_quarter_body(context: dg.AssetExecutionContext, config: Benchmark
     for name, table in (("single_submissions", "single"), ("joined_submissions", "joined")):
         yield dg.MaterializeResult(asset_key=MAIN_KEYS[name], metadata={
             "dagster/row_count": main_counts[table], "dagster/column_schema": schemas[name], "as_of_date": str(as_of),
-            "files_selected": main_counts[f"selection_{table}"], "dagster/table_name": f"analytics.dhsc.{name}"})
+            "files_selected": main_counts[f"selection_{table}"], "dagster/table_name": f"analytics.dhsc.{name}",
+            "excluded_submissions": main_counts["excluded_submissions"]})
     yield dg.AssetCheckResult(check_name="disclosure_control", asset_key=KEYS["activity"], passed=not problems,
                               metadata={"problems": ", ".join(f"{k}: {v}" for k, v in problems.items()) or "none"})
+    yield dg.AssetCheckResult(check_name="release_on_release", asset_key=KEYS["release_changes"],
+                              passed=moves[0] == 0, severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"figures_flagged": moves[0], "geographies_flagged": moves[1],
+                                        "threshold": config.release_change_threshold,
+                                        "compared_with": benchmark.previous_quarter(quarter),
+                                        "figures_compared": counts["release_changes"]})
     yield dg.AssetCheckResult(check_name="every_la_has_a_submission", asset_key=MAIN_KEYS["single_submissions"],
                               passed=missing == 0, severity=dg.AssetCheckSeverity.WARN,
                               metadata={"councils_without_a_file": missing})

@@ -167,9 +167,16 @@ def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_d
             # The submissions' non-identifying facts, for DHSC's submission selection in the analysts' zone.
             con.execute(f"""COPY (SELECT s.submission_id, s.la_code, s.quarter, s.received_at, s.reporting_period_start,
                                         s.reporting_period_end, v.derived_period_start, v.derived_period_end,
-                                        s.status, v.accepted_rows
+                                        s.status, v.accepted_rows, s.row_count AS submitted_rows
                                  FROM raw.submissions s JOIN validated.submissions v USING (submission_id)
                                  WHERE s.submission_id IN {ids}) TO '{scratch / 'ledger.parquet'}' (FORMAT parquet)""")
+            # How many rows each field and rule caught (never a value): the data-quality benchmark.
+            con.execute(f"""COPY (SELECT submission_id, field, rule, 'reject' AS severity, count(DISTINCT row_number) AS rows
+                                 FROM validated.rejections WHERE submission_id IN {ids} GROUP BY ALL
+                                 UNION ALL
+                                 SELECT submission_id, field, rule, 'flag', count(DISTINCT row_number)
+                                 FROM validated.dq_flags WHERE submission_id IN {ids} GROUP BY ALL)
+                            TO '{scratch / 'dq_findings.parquet'}' (FORMAT parquet)""")
             con.unregister("batch_submissions")
         ipad, opad = key.pads
         work = settings.work_connection(scratch)
@@ -204,6 +211,9 @@ def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_d
                                      (SELECT DISTINCT submission_id FROM pseudonymised.events_history)""")
                 con.execute(f"DELETE FROM pseudonymised.events_history WHERE submission_id IN {current_ids}")
             replace_slice(con, "pseudonymised.events", f"read_parquet('{out}')", slices, [])
+            # before the ledger row, which says the layer is complete
+            replace_slice(con, "pseudonymised.dq_findings", f"read_parquet('{scratch / 'dq_findings.parquet'}')",
+                          f"submission_id IN {current_ids}", [])
             replace_slice(con, "pseudonymised.submissions", f"read_parquet('{scratch / 'ledger.parquet'}')",
                           f"submission_id IN {current_ids}", [])
             con.execute(f"UPDATE pseudonymised.submissions SET status = 'superseded' WHERE {slices} "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from cld_pipeline.lib.benchmark import dhsc, measures
+from cld_pipeline.lib.benchmark import dhsc, exclusions, measures, method
 from cld_pipeline.lib.privacy import disclosure
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
@@ -23,6 +23,7 @@ from cld_pipeline.spec import load_spec
 ENGLAND_CODE, ENGLAND_NAME = "E92000001", "England"
 JOINED_START = dt.date(2023, 4, 1)     # DHSC's joined table runs from the start of CLD collection
 NOT_RECORDED = "Not recorded"
+RELEASE_CHANGE_THRESHOLD = 0.05   # a headline figure moving more than 5% on the previous quarter is flagged
 INTERVALS = ("request_to_assessment", "assessment_to_service", "request_to_service")
 WAIT_BANDS = ((0, 7, "0 to 7 days"), (8, 28, "8 to 28 days"), (29, 56, "29 to 56 days"), (57, 91, "57 to 91 days"),
               (92, 100_000, "92 days or more"))
@@ -69,9 +70,12 @@ def _geographies(value_cols: str, source: str, extra_group: str) -> str:
 
 def build_main_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -> dict[str, int]:
     params = _params(inputs)
-    con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
+    exclusions.ensure_schema(con)
+    # The operator's excluded submissions are never chosen (DHSC's import blacklist).
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE ledger AS
         SELECT submission_id, la_code, received_at, derived_period_start, derived_period_end
-        FROM pseudonymised.submissions WHERE derived_period_start IS NOT NULL""")
+        FROM pseudonymised.submissions WHERE derived_period_start IS NOT NULL
+          AND submission_id NOT IN (SELECT submission_id FROM {exclusions.TABLE})""")
     _run(con, f"CREATE OR REPLACE TEMP TABLE selection_single AS {dhsc.single_selection_sql()}", params)
     windows = dhsc.quarter_windows(inputs.joined_start, inputs.period_end)
     _run(con, f"CREATE OR REPLACE TEMP TABLE selection_joined AS {dhsc.joined_selection_sql(windows)}", params)
@@ -98,8 +102,10 @@ def build_main_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) -
         SELECT la_code, string_agg(DISTINCT submission_id, ',' ORDER BY submission_id) AS submission_ids
         FROM (SELECT la_code, submission_id FROM selection_single UNION SELECT la_code, submission_id FROM selection_joined)
         GROUP BY la_code""")
-    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-            for t in ("selection_single", "selection_joined", "single", "joined", "persons")}
+    counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+              for t in ("selection_single", "selection_joined", "single", "joined", "persons")}
+    counts["excluded_submissions"] = con.execute(f"SELECT count(*) FROM {exclusions.TABLE}").fetchall()[0][0]
+    return counts
 
 
 def _breakdowns() -> dict[str, tuple[str | None, str]]:
@@ -201,6 +207,9 @@ def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) 
         {_geographies('count(*) AS people', f"(SELECT *, CASE {bands} ELSE 0 END AS band_order FROM wait_rows)",
                       'interval, band_order')})""")
 
+    build_raw_quarterly_waits(con, params)
+    build_raw_data_quality(con)
+
     # ASCOF: LA rows from the measures, every LA present (0/0 when it has no data), then region and England sums.
     parts = [measures.ascof_2a_sql(), measures.ascof_2bc_sql(), measures.ascof_2e_sql(), measures.ascof_3d_sql()]
     _run(con, "CREATE OR REPLACE TEMP TABLE ascof_la AS " + " UNION ALL ".join(f"SELECT * FROM ({p})" for p in parts),
@@ -210,6 +219,24 @@ def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) 
     if has_2d:
         con.execute("INSERT INTO ascof_la SELECT la_code, measure, 'Total', numerator, denominator FROM linked.ascof_2d "
                     "WHERE quarter = ?", [inputs.quarter])
+    # DHSC's companions to ASCOF: people left out for unknown accommodation or delivery mechanism
+    # (every submitting council, 0 when none), and 2A's clusters by sequel type and final outcome.
+    _run(con, f"""CREATE OR REPLACE TEMP TABLE raw_ascof_exclusions AS
+        WITH counts AS ({measures.ascof_exclusions_sql()}),
+        grid AS (SELECT p.la_code, p.region_code, m.measure, m.reason, coalesce(c.people, 0) AS people
+                 FROM population p CROSS JOIN (VALUES ('2E', '{measures.UNKNOWN_ACCOMMODATION}'),
+                     ('2E-LD', '{measures.UNKNOWN_ACCOMMODATION}'), ('3D (clients)', '{measures.UNKNOWN_DELIVERY}'),
+                     ('3D (carers)', '{measures.UNKNOWN_DELIVERY}')) m(measure, reason)
+                 LEFT JOIN counts c ON c.la_code = p.la_code AND c.measure = m.measure
+                 WHERE p.la_code IN (SELECT la_code FROM selection_single))
+        {_geographies('sum(people) AS people', 'grid', 'measure, reason')}""", params)
+    _run(con, f"""CREATE OR REPLACE TEMP TABLE raw_ascof_2a_outcomes AS
+        {_geographies('sum(clusters) AS clusters', f"(SELECT o.*, p.region_code FROM ({measures.ascof_2a_outcomes_sql()}) o "
+                      "JOIN population p USING (la_code))",
+                      'age_group, sequel_type, final_outcome, in_denominator, in_numerator')}""", params)
+
+    # Councils without a file keep their rows, marked, with no figures: DHSC's outputs carry them as
+    # zeros, which would chart and rank them as 0 and dilute region and England 2B/2C denominators.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_ascof AS
         WITH grid AS (SELECT p.la_code, p.region_code, m.measure, m.measure_group,
                              coalesce(a.numerator, 0) AS numerator,
@@ -217,8 +244,77 @@ def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) 
                                                           WHEN m.measure = '2C' THEN p.pop_65_plus ELSE 0 END) AS denominator
                       FROM population p CROSS JOIN (SELECT DISTINCT measure, measure_group FROM ascof_la) m
                       LEFT JOIN ascof_la a ON a.la_code = p.la_code AND a.measure = m.measure
-                                          AND a.measure_group = m.measure_group)
-        {_geographies('sum(numerator) AS numerator, sum(denominator) AS denominator', 'grid', 'measure, measure_group')}""")
+                                          AND a.measure_group = m.measure_group
+                      WHERE p.la_code IN (SELECT la_code FROM selection_single))
+        SELECT *, false AS no_submission FROM (
+        {_geographies('sum(numerator) AS numerator, sum(denominator) AS denominator', 'grid', 'measure, measure_group')})
+        UNION ALL
+        SELECT 'LA', p.la_code, m.measure, m.measure_group, NULL, NULL, true
+        FROM population p CROSS JOIN (SELECT DISTINCT measure, measure_group FROM ascof_la) m
+        WHERE p.la_code NOT IN (SELECT la_code FROM selection_single)""")
+
+
+def build_raw_data_quality(con: duckdb.DuckDBPyConnection) -> None:
+    """`raw_data_quality`: how many of the submitted rows each field and rule caught, in the files
+    behind the 12-month figures, for each council, region and England (DHSC's DQ values table)."""
+    if not _exists(con, "pseudonymised", "dq_findings"):
+        con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
+        con.execute("""CREATE TABLE IF NOT EXISTS pseudonymised.dq_findings (submission_id VARCHAR, field VARCHAR,
+                       rule VARCHAR, severity VARCHAR, rows BIGINT)""")
+    submitted = ("coalesce(s.submitted_rows, s.accepted_rows)" if "submitted_rows" in
+                 {r[0] for r in con.execute("DESCRIBE pseudonymised.submissions").fetchall()} else "s.accepted_rows")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE dq_files AS
+        SELECT x.la_code, p.region_code, x.submission_id, {submitted} AS submitted_rows
+        FROM selection_single x JOIN pseudonymised.submissions s USING (submission_id) JOIN population p ON p.la_code = x.la_code""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_data_quality AS
+        WITH cells AS (
+            {_geographies('sum(d.rows) AS rows', '(SELECT f.la_code, f.region_code, d.* FROM pseudonymised.dq_findings d '
+                          'JOIN dq_files f USING (submission_id)) d', 'field, rule, severity')}
+        ), files AS (
+            {_geographies('sum(submitted_rows) AS submitted_rows', "(SELECT *, 'all' AS all_rows FROM dq_files)", 'all_rows')}
+        )
+        SELECT c.*, f.submitted_rows FROM cells c JOIN files f USING (geography_level, geography_code)""")
+
+
+def build_raw_quarterly_waits(con: duckdb.DuckDBPyConnection, params: dict) -> None:
+    """DHSC's waiting-times outputs (stages 4.2 to 5.3): each wait in the statistical quarter of its
+    follow-up event's start and that event's age band (25 to 64, 65 and above), every quarter since
+    collection began; the median and count (4.2), the requests, assessments and services behind them
+    (5.1), and which kinds of event and which assessment and service types the waits end in (5.2,
+    5.3). Region and England rows are added (DHSC publishes councils only)."""
+    bands = ", ".join(f"'{b}'" for b in measures.WAIT_AGE_BANDS)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE wait_quarter_rows AS
+        SELECT w.la_code, p.region_code, 'request_to_assessment' AS interval,
+               CAST(date_trunc('quarter', response_start) AS DATE) AS statistical_quarter_start,
+               response_band AS age_band, date_diff('day', request_start, response_start) AS days,
+               [{{'d': 'response event', 'v': upper(response[1]) || response[2:]}}]
+               || CASE WHEN response = 'assessment' THEN [{{'d': 'assessment type',
+                                                           'v': coalesce(response_assessment_type, '{NOT_RECORDED}')}}]
+                       ELSE [] END AS diagnostics
+        FROM waits w JOIN population p USING (la_code) WHERE response_band IN ({bands})
+        UNION ALL
+        SELECT w.la_code, p.region_code, 'request_to_service', CAST(date_trunc('quarter', service_start) AS DATE),
+               service_band, date_diff('day', request_start, service_start),
+               [{{'d': 'service type', 'v': coalesce(service_type, '{NOT_RECORDED}')}}]
+        FROM waits w JOIN population p USING (la_code) WHERE service_start IS NOT NULL AND service_band IN ({bands})""")
+    _run(con, f"""CREATE OR REPLACE TEMP TABLE wait_context AS
+        SELECT c.*, p.region_code FROM ({measures.wait_context_sql()}) c JOIN population p USING (la_code)
+        WHERE c.age_band IN ({bands})""", params)
+    key = "statistical_quarter_start, age_band"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_waiting_times_quarterly AS
+        SELECT w.*, c.requests, c.assessments, c.services FROM (
+            {_geographies('count(*) AS waits, quantile_cont(days, 0.5) AS median_days', 'wait_quarter_rows',
+                          f'{key}, interval')}) w
+        LEFT JOIN ({_geographies('sum(requests) AS requests, sum(assessments) AS assessments, '
+                                 'sum(services) AS services', 'wait_context', key)}) c
+          USING (geography_level, geography_code, statistical_quarter_start, age_band)""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE raw_waiting_time_diagnostics AS
+        {_geographies('count(*) AS waits', "(SELECT *, unnest(diagnostics).d AS diagnostic, "
+                      "unnest(diagnostics).v AS diagnostic_value FROM wait_quarter_rows)",
+                      f'{key}, interval, diagnostic, diagnostic_value')}
+        UNION ALL   -- each diagnostic's total, the cell its values add up to
+        {_geographies("count(*) AS waits", "(SELECT *, unnest(diagnostics).d AS diagnostic, 'Total' AS diagnostic_value "
+                      "FROM wait_quarter_rows)", f'{key}, interval, diagnostic, diagnostic_value')}""")
 
 
 def _names(alias: str = "t") -> str:
@@ -297,6 +393,54 @@ def build_shared_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs)
                {_sources()} AS submission_ids
         FROM raw_waiting_times t""")
 
+    quarter_cols = ("t.statistical_quarter_start, strftime(last_day(t.statistical_quarter_start + INTERVAL 2 MONTH), "
+                    "'%Y-%m-%d') AS statistical_quarter_end, t.age_band, t.interval")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE waiting_times_quarterly AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, {quarter_cols},
+               {count('t.waits')} AS waits, {stat('round(t.median_days, 1)', 't.waits')} AS median_days,
+               {count('t.requests')} AS requests, {count('t.assessments')} AS assessments,
+               {count('t.services')} AS services, {_sources()} AS submission_ids
+        FROM raw_waiting_times_quarterly t""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE waiting_time_diagnostics AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, {quarter_cols},
+               t.diagnostic, t.diagnostic_value, {count('t.waits')} AS waits, t.waits AS _raw,
+               {_sources()} AS submission_ids
+        FROM raw_waiting_time_diagnostics t""")
+    secondary += disclosure.secondary_suppression(
+        con, "waiting_time_diagnostics", "_raw", "waits",
+        [(["geography_level", "geography_code", "statistical_quarter_start", "age_band", "interval", "diagnostic"], "true")],
+        order=["geography_level", "geography_code", "statistical_quarter_start", "age_band", "interval", "diagnostic",
+               "diagnostic_value"])
+    con.execute("ALTER TABLE waiting_time_diagnostics DROP COLUMN _raw")
+
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE ascof_exclusions AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.measure, t.reason,
+               {count('t.people')} AS people, {_sources()} AS submission_ids
+        FROM raw_ascof_exclusions t""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE ascof_2a_outcomes AS
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.age_group, t.sequel_type,
+               CASE t.sequel_type WHEN '1' THEN 'Deceased' WHEN '2' THEN 'Admitted to hospital' WHEN '3' THEN 'Service'
+                    WHEN '4a' THEN 'Outcome of the reablement' WHEN '4b' THEN 'Outcome of a following event'
+                    WHEN '4c' THEN 'Outcome of a nested assessment or review' WHEN '5' THEN 'Equipment'
+                    ELSE 'Unable to classify' END AS sequel, t.final_outcome, t.in_denominator, t.in_numerator,
+               {count('t.clusters')} AS clusters, t.clusters AS _raw, {_sources()} AS submission_ids
+        FROM raw_ascof_2a_outcomes t""")
+    secondary += disclosure.secondary_suppression(
+        con, "ascof_2a_outcomes", "_raw", "clusters", [(["geography_level", "geography_code", "age_group"], "true")],
+        order=["geography_level", "geography_code", "age_group", "sequel_type", "final_outcome"])
+    con.execute("ALTER TABLE ascof_2a_outcomes DROP COLUMN _raw")
+
+    # Data quality: each council's share of rows a rule caught, beside its region's and England's.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE data_quality AS
+        WITH shown AS (SELECT t.*, {count('t.rows')} AS shown_rows, {count('t.submitted_rows')} AS shown_submitted
+                       FROM raw_data_quality t)
+        SELECT {head}, t.geography_level, t.geography_code, {_names()} AS geography_name, t.field, t.rule, t.severity,
+               t.shown_rows AS rows, t.shown_submitted AS submitted_rows,
+               {rate('t.shown_rows', 't.shown_submitted', 100, 2)} AS share_percent,
+               {rate('e.shown_rows', 'e.shown_submitted', 100, 2)} AS england_share_percent, {_sources()} AS submission_ids
+        FROM shown t LEFT JOIN shown e ON e.geography_level = 'England' AND e.field = t.field AND e.rule = t.rule
+                                      AND e.severity = t.severity""")
+
     per_100k = "t.measure IN ('2B', '2C')"
     digits = "CASE WHEN t.measure LIKE '2D%' THEN 2 ELSE 1 END"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE ascof AS
@@ -306,26 +450,30 @@ def build_shared_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs)
                CASE WHEN {per_100k} THEN {rate(count('t.numerator'), 't.denominator', 100000, 1)}
                     WHEN {digits} = 2 THEN {rate(count('t.numerator'), count('t.denominator'), 100, 2)}
                     ELSE {rate(count('t.numerator'), count('t.denominator'), 100, 1)} END AS value,
-               {_sources()} AS submission_ids
+               t.no_submission, {_sources()} AS submission_ids
         FROM raw_ascof t""")
 
-    # Comparison: each LA's headline figures beside its region and England, and its rank among LAs.
+    # Comparison: each LA's headline figures beside its region and England, and its rank among the LAs
+    # with a figure; a council without a file is listed as such, never valued or ranked.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE comparison AS
         WITH headline AS (
             SELECT geography_level, geography_code, 'ascof ' || measure || ' (' || measure_group || ')' AS figure,
-                   CAST(value AS DOUBLE) AS value FROM ascof
+                   CAST(value AS DOUBLE) AS value, no_submission FROM ascof
             WHERE measure_group IN ('Total', '18 to 64', '65 and above') OR measure_group LIKE '%: Total'
             UNION ALL
-            SELECT geography_level, geography_code, 'median days ' || interval, CAST(median_days AS DOUBLE) FROM waiting_times
+            SELECT geography_level, geography_code, 'median days ' || interval, CAST(median_days AS DOUBLE), false
+            FROM waiting_times
             UNION ALL
             SELECT geography_level, geography_code, lower(event_type) || 's per 100,000 adults',
-                   CAST(events_per_100k_adults AS DOUBLE) FROM activity WHERE breakdown = 'total'
+                   CAST(events_per_100k_adults AS DOUBLE), false FROM activity WHERE breakdown = 'total'
         )
         SELECT {head}, l.geography_code AS la_code, p.la_name, p.region_code, p.region_name, l.figure,
                l.value AS la_value, r.value AS region_value, e.value AS england_value,
-               CASE WHEN l.value IS NOT NULL THEN rank() OVER (PARTITION BY l.figure ORDER BY l.value DESC NULLS LAST) END
+               CASE WHEN l.value IS NOT NULL AND NOT l.no_submission
+                    THEN rank() OVER (PARTITION BY l.figure ORDER BY l.no_submission, l.value DESC NULLS LAST) END
                    AS la_rank,
-               count(l.value) OVER (PARTITION BY l.figure) AS las_ranked
+               count(l.value) FILTER (WHERE NOT l.no_submission) OVER (PARTITION BY l.figure) AS las_ranked,
+               l.no_submission
         FROM headline l JOIN population p ON p.la_code = l.geography_code
         LEFT JOIN headline r ON r.geography_level = 'Region' AND r.geography_code = p.region_code AND r.figure = l.figure
         LEFT JOIN headline e ON e.geography_level = 'England' AND e.figure = l.figure
@@ -336,5 +484,65 @@ def build_shared_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs)
     return counts
 
 
-SHARED_TABLES = ("activity", "costs", "waiting_times", "waiting_time_bands", "ascof", "comparison")
-RAW_TABLES = ("raw_activity", "raw_costs", "raw_waiting_times", "raw_waiting_time_bands", "raw_ascof")
+def previous_quarter(quarter: str) -> str:
+    year, q = int(quarter[:4]), int(quarter[-1])
+    return f"{year - 1}-Q4" if q == 1 else f"{year}-Q{q - 1}"
+
+
+def _exists(con, schema: str, table: str) -> bool:
+    return bool(con.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                            [schema, table]).fetchall())
+
+
+def build_release_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs,
+                         threshold: float = RELEASE_CHANGE_THRESHOLD) -> dict[str, int]:
+    """Tables about the release itself, from the shared tables (so nothing here is less protected):
+    `bcf_metrics` (the Better Care Fund's 2C and 2D with region), `release_changes` (each headline
+    figure against the previous quarter's build, moves beyond `threshold` flagged for the analyst who
+    signs the quarter off) and `method_log` (the method version that built the quarter)."""
+    head = f"'{inputs.quarter}' AS quarter, DATE '{inputs.as_of}' AS as_of_date"
+    con.execute("""CREATE OR REPLACE TEMP TABLE bcf_metrics AS
+        SELECT a.quarter, a.as_of_date, a.geography_level, a.geography_code, a.geography_name,
+               CASE a.geography_level WHEN 'LA' THEN p.region_code WHEN 'Region' THEN a.geography_code END AS region_code,
+               CASE a.geography_level WHEN 'LA' THEN p.region_name
+                    WHEN 'Region' THEN a.geography_name END AS region_name,
+               CASE a.measure WHEN '2C' THEN 'Long-term admissions to residential and nursing care, 65 and over, '
+                                             || 'per 100,000'
+                              WHEN '2D-1' THEN 'Older people at home 91 days after discharge into reablement (part 1)'
+                              ELSE 'Older people offered reablement after discharge from hospital (part 2)' END AS metric,
+               a.measure, a.numerator, a.denominator, a.value, a.no_submission, a.submission_ids
+        FROM ascof a LEFT JOIN population p ON a.geography_level = 'LA' AND p.la_code = a.geography_code
+        WHERE (a.measure = '2C' AND a.measure_group = '65 and above') OR (a.measure IN ('2D-1', '2D-2') AND a.measure_group = 'Total')""")
+    previous = previous_quarter(inputs.quarter)
+    headline = """SELECT geography_level, geography_code, geography_name, 'ascof ' || measure || ' (' || measure_group || ')'
+                         AS figure, CAST(value AS DOUBLE) AS value FROM {s}ascof WHERE {w}
+                  UNION ALL
+                  SELECT geography_level, geography_code, geography_name, 'median days ' || interval,
+                         CAST(median_days AS DOUBLE) FROM {s}waiting_times WHERE {w}"""
+    before = (headline.format(s="benchmark.", w=f"quarter = '{previous}'")
+              if _exists(con, "benchmark", "ascof") and _exists(con, "benchmark", "waiting_times")
+              else "SELECT NULL::VARCHAR AS geography_level, NULL::VARCHAR AS geography_code, "
+                   "NULL::VARCHAR AS geography_name, NULL::VARCHAR AS figure, NULL::DOUBLE AS value LIMIT 0")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE release_changes AS
+        SELECT {head}, '{previous}' AS previous_quarter, n.geography_level, n.geography_code, n.geography_name, n.figure,
+               b.value AS previous_value, n.value,
+               round(n.value - b.value, 2) AS change,
+               CASE WHEN b.value <> 0 THEN round(100 * (n.value - b.value) / abs(b.value), 1) END AS change_percent,
+               (b.value = 0 AND n.value <> 0) OR abs(n.value - b.value) > {threshold} * abs(b.value) AS flagged
+        FROM ({headline.format(s='', w='true')}) n JOIN ({before}) b USING (geography_level, geography_code, figure)
+        WHERE n.value IS NOT NULL AND b.value IS NOT NULL""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE method_log AS
+        SELECT $quarter AS quarter, $as_of AS as_of_date, $version AS method_version,
+               CAST(now() AS TIMESTAMP) AS built_at, $changes AS method_changes""",
+                {"quarter": inputs.quarter, "as_of": inputs.as_of, "version": method.METHOD_VERSION,
+                 "changes": " ".join(method.changes_in(method.METHOD_VERSION))})
+    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in RELEASE_TABLES}
+
+
+RELEASE_TABLES = ("bcf_metrics", "release_changes", "method_log")
+SHARED_TABLES = ("activity", "costs", "waiting_times", "waiting_time_bands", "waiting_times_quarterly",
+                 "waiting_time_diagnostics", "data_quality", "ascof", "ascof_exclusions", "ascof_2a_outcomes",
+                 "comparison")
+RAW_TABLES = ("raw_activity", "raw_costs", "raw_waiting_times", "raw_waiting_time_bands", "raw_ascof",
+              "raw_waiting_times_quarterly", "raw_waiting_time_diagnostics", "raw_data_quality",
+              "raw_ascof_exclusions", "raw_ascof_2a_outcomes")

@@ -46,7 +46,9 @@ details{margin:.25rem 0 1.5rem}summary{cursor:pointer;color:#1d70b8}a{color:#1d7
 <h1>{{ title }}</h1>
 <p class="meta">Quarter <strong>{{ quarter }}</strong> (12 months to {{ period_end }}) &middot; data as of
 <strong>{{ as_of }}</strong>{% if region %} &middot; region: {{ region }}{% endif %}
+{% if method %} &middot; method version <strong>{{ method }}</strong>{% endif %}
 {% if england_link %} &middot; <a href="england.html">England overview</a>{% endif %}</p>
+{% if method_changes %}<p class="meta">What changed in method {{ method }}: {{ method_changes }}</p>{% endif %}
 {% for section in sections %}
 <h2 id="{{ section.id }}">{{ section.title }}</h2>
 {% if section.note %}<p>{{ section.note }}</p>{% endif %}
@@ -101,6 +103,9 @@ class DashboardBuilder:
         (self.folder / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
         meta = self._rows("SELECT any_value(as_of_date), count(*) FROM benchmark.ascof WHERE quarter = ?", [self.quarter])
         self.as_of = meta[0][0]
+        log = self._rows("SELECT method_version, method_changes FROM benchmark.method_log WHERE quarter = ?",
+                         [self.quarter]) if self._has("benchmark", "method_log") else []
+        self.method = log[0] if log else (None, None)
         las = self._rows("""SELECT DISTINCT c.la_code, c.la_name, c.region_code, c.region_name FROM benchmark.comparison c
                             WHERE c.quarter = ? AND c.la_code IN (SELECT geography_code FROM benchmark.activity
                                                                  WHERE quarter = ? AND geography_level = 'LA')
@@ -183,18 +188,120 @@ class DashboardBuilder:
         return {"id": "services", "title": "Services by type", "chart": _chart(fig, "Services by type (this council)"),
                 "header": ["service type", "services", "people"], "rows": [[_cell(c) for c in r] for r in rows]}
 
+    def _exclusions_section(self, codes: list[str]) -> dict:
+        rows = self._rows("""SELECT measure, reason, geography_level, people FROM benchmark.ascof_exclusions
+                             WHERE quarter = ? AND geography_code IN (SELECT unnest(?))
+                             ORDER BY measure, geography_level""", [self.quarter, codes])
+        return {"id": "exclusions", "title": "People the ASCOF measures could not place", "chart": None,
+                "note": "People in the 2E cohorts whose accommodation is unknown, invalid or only presumed from their "
+                        "services, and 3D clients and carers whose delivery mechanism is unknown (DHSC's exclusions).",
+                "header": ["measure", "reason", "geography", "people"], "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _reablement_section(self, code: str) -> dict:
+        rows = self._rows("""SELECT sequel, final_outcome, CASE WHEN in_numerator THEN 'numerator'
+                                    WHEN in_denominator THEN 'denominator only' ELSE 'not counted' END, clusters
+                             FROM benchmark.ascof_2a_outcomes WHERE quarter = ? AND geography_code = ?
+                               AND age_group = 'Total' ORDER BY sequel_type, final_outcome""", [self.quarter, code])
+        by_sequel: dict[str, int] = {}
+        for sequel, _, _, n in rows:
+            by_sequel[sequel] = by_sequel.get(sequel, 0) + (n or 0)
+        fig = go.Figure(go.Bar(x=list(by_sequel.values()), y=list(by_sequel), orientation="h",
+                               marker_color=PALETTE["LA"], text=[_cell(v) for v in by_sequel.values()],
+                               textposition="outside"))
+        fig.update_layout(xaxis_title="reablement episodes (shown counts)", yaxis=dict(automargin=True))
+        return {"id": "reablement", "title": "ASCOF 2A: what followed reablement",
+                "note": "Each reablement (ST-Max) episode of a new client ending in the year, by what DHSC's method "
+                        "found after it. Only the outcomes marked numerator or denominator count in 2A.",
+                "chart": _chart(fig, "Reablement episodes by sequel (this council)"),
+                "header": ["sequel", "final outcome", "counts in 2A as", "clusters"],
+                "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _quarterly_waits_section(self, codes: list[str]) -> dict:
+        rows = self._rows("""SELECT statistical_quarter_start, geography_level, age_band, interval, waits, median_days,
+                                    requests, assessments, services
+                             FROM benchmark.waiting_times_quarterly WHERE quarter = ?
+                               AND geography_code IN (SELECT unnest(?)) AND geography_level <> 'Region'
+                             ORDER BY 1, 2 DESC, 3, 4""", [self.quarter, codes])
+        fig = go.Figure()
+        for i, (level, band) in enumerate((lv, b) for lv in ("LA", "England") for b in ("25 to 64", "65 and above")):
+            pts = [(str(q), m) for q, lv, b, iv, _, m, *_ in rows
+                   if lv == level and b == band and iv == "request_to_assessment"]
+            if pts:
+                fig.add_scatter(x=[q for q, _ in pts], y=[m for _, m in pts], mode="lines+markers",
+                                name=f"{level}: {band}", line=dict(color=PALETTE.get(level) if i % 2 == 0 else
+                                                                  EXTRA[i % len(EXTRA)],
+                                                                  dash="solid" if level == "LA" else "dash"))
+        fig.update_layout(yaxis_title="median days", xaxis_title="statistical quarter (start)")
+        return {"id": "waits-by-quarter", "title": "Waiting times by quarter and age band",
+                "note": "DHSC's method: each wait in the quarter of the assessment, service or conversation that "
+                        "answered the request, and that event's age band; requests, assessments and services show "
+                        "the activity behind the waits.",
+                "chart": _chart(fig, "Median days from request to first response"),
+                "header": ["quarter", "geography", "age band", "interval", "waits", "median days", "requests",
+                           "assessments", "services"],
+                "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _data_quality_section(self, code: str) -> dict:
+        rows = self._rows("""SELECT field, rule, CASE severity WHEN 'reject' THEN 'rejected' ELSE 'flagged' END, rows,
+                                    share_percent, england_share_percent
+                             FROM benchmark.data_quality WHERE quarter = ? AND geography_code = ?
+                             ORDER BY coalesce(share_percent, 0) DESC, field, rule LIMIT 25""", [self.quarter, code])
+        return {"id": "data-quality", "title": "Data quality beside England", "chart": None,
+                "note": "Rows of the files behind these figures that a validation rule rejected or flagged, as a share "
+                        "of the rows submitted, with England's share (the 25 largest).",
+                "header": ["field", "rule", "outcome", "rows", "% of rows", "England %"],
+                "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _bcf_section(self, codes: list[str]) -> dict:
+        rows = self._rows("""SELECT metric, geography_level, numerator, denominator, value FROM benchmark.bcf_metrics
+                             WHERE quarter = ? AND geography_code IN (SELECT unnest(?))
+                             ORDER BY measure, geography_level""", [self.quarter, codes])
+        return {"id": "bcf", "title": "Better Care Fund metrics", "chart": None,
+                "header": ["metric", "geography", "numerator", "denominator", "value"],
+                "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _changes_section(self, code: str) -> dict:
+        rows = self._rows("""SELECT figure, previous_value, value, change_percent FROM benchmark.release_changes
+                             WHERE quarter = ? AND geography_code = ? AND flagged ORDER BY abs(change) DESC, figure""",
+                          [self.quarter, code])
+        return {"id": "changes", "title": "Moves since the previous quarter", "chart": None,
+                "note": "Headline figures that moved more than 5% on the previous quarter's build: worth checking "
+                        "before acting on them." if rows else "No headline figure moved more than 5% on the previous "
+                                                              "quarter's build (or there is no previous build).",
+                "header": ["figure", "previous quarter", "this quarter", "% change"],
+                "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _excluded_section(self, code: str | None) -> dict:
+        rows = self._rows("""SELECT la_code, quarter, submission_id, reason FROM benchmark.excluded_submissions
+                             WHERE ? IS NULL OR la_code = ? ORDER BY la_code, quarter""", [code, code]) \
+            if self._has("benchmark", "excluded_submissions") else []
+        return {"id": "excluded", "title": "Submissions left out by the operator", "chart": None,
+                "note": "Files excluded from every figure (the council's previous file is used where there is one)."
+                        if rows else "No submission is excluded.",
+                "header": ["LA", "quarter", "submission", "reason"], "rows": [[_cell(c) for c in r] for r in rows]}
+
+    def _has(self, schema: str, table: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                               [schema, table]))
+
     # --- pages ---------------------------------------------------------------------------------------
 
     def _la(self, code: str, name: str, region_code: str, region_name: str) -> Path:
         codes = [code, region_code, "E92000001"]
         sections = [self._ascof_section(codes), self._trend_section(code, region_code), self._waits_section(codes),
-                    self._activity_section(codes), self._services_section(code)]
+                    self._activity_section(codes), self._services_section(code), self._reablement_section(code),
+                    self._quarterly_waits_section(codes), self._exclusions_section(codes), self._bcf_section(codes),
+                    self._data_quality_section(code), self._changes_section(code), self._excluded_section(code)]
         return self._write(f"{code}.html", f"{name}: adult social care benchmark", sections, region_name)
 
     def _england(self, las) -> Path:
         rows = self._rows("""SELECT la_code, la_name, region_name, figure, la_value, la_rank, las_ranked
-                             FROM benchmark.comparison WHERE quarter = ? AND figure LIKE 'ascof%' ORDER BY figure, la_rank""",
-                          [self.quarter])
+                             FROM benchmark.comparison WHERE quarter = ? AND figure LIKE 'ascof%' AND NOT no_submission
+                             ORDER BY figure, la_rank""", [self.quarter])
+        # A council without a file is listed once, as such: never a value of 0, never a rank.
+        missing = self._rows("""SELECT DISTINCT la_code, la_name, region_name FROM benchmark.comparison
+                                WHERE quarter = ? AND no_submission ORDER BY 1""", [self.quarter])
+        ranked = [[_cell(c) for c in r] for r in rows]
         regions = self._rows("""SELECT geography_name, measure, value FROM benchmark.ascof WHERE quarter = ?
                                 AND geography_level = 'Region' AND measure_group = 'Total' ORDER BY 2, 1""", [self.quarter])
         names = sorted({r[0] for r in regions})
@@ -206,10 +313,15 @@ class DashboardBuilder:
                                                                                  "value"),
              "header": ["region", "measure", "value"], "rows": [[_cell(c) for c in r] for r in regions]},
             {"id": "ranks", "title": "Councils ranked", "chart": None,
-             "header": ["LA", "name", "region", "figure", "value", "rank", "of"],
-             "rows": [[_cell(c) for c in r] for r in rows]},
+             "header": ["LA", "name", "region", "figure", "value", "rank", "of"], "rows": ranked},
             {"id": "councils", "title": "Council pages", "chart": None, "header": ["council", "region", "page"],
              "rows": links},
+            {"id": "no-submission", "title": "Councils without a submission (not ranked)", "chart": None,
+             "note": "No file covering the 12 months was received by the as-of date: these councils have no figures "
+                     "this quarter, are not ranked, and are left out of their region's and England's figures."
+                     if missing else "Every council has a submission covering the 12 months.",
+             "header": ["LA", "name", "region", "status"], "rows": [[*m, "no submission"] for m in missing]},
+            self._excluded_section(None),
         ]
         return self._write("england.html", "England: adult social care benchmark", sections, None)
 
@@ -217,7 +329,8 @@ class DashboardBuilder:
         period_end = self._rows("SELECT max(reporting_period_end) FROM pseudonymised.submissions WHERE quarter = ?",
                                 [self.quarter])[0][0]
         page = PAGE.render(title=title, quarter=self.quarter, as_of=self.as_of, region=region, sections=sections,
-                           caveats=CAVEATS, england_link=file != "england.html", period_end=period_end)
+                           caveats=CAVEATS, england_link=file != "england.html", period_end=period_end,
+                           method=self.method[0], method_changes=self.method[1])
         path = self.folder / file
         path.write_text(page, encoding="utf-8")
         return path
