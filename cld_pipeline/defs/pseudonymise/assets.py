@@ -171,10 +171,16 @@ def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_d
                                  FROM raw.submissions s JOIN validated.submissions v USING (submission_id)
                                  WHERE s.submission_id IN {ids}) TO '{scratch / 'ledger.parquet'}' (FORMAT parquet)""")
             # How many rows each field and rule caught (never a value): the data-quality benchmark.
-            con.execute(f"""COPY (SELECT submission_id, field, rule, 'reject' AS severity, count(DISTINCT row_number) AS rows
+            # Field and rule names come from the spec and the rules; anything else is 'other', so
+            # nothing a file carried (a header, say) can reach the analysts' zone through here.
+            known = ", ".join("'" + f.name.replace("'", "''") + "'" for f in load_spec().fields)
+            field = f"CASE WHEN field IN ({known}) THEN field ELSE 'other' END"
+            rule = "CASE WHEN regexp_full_match(rule, '[a-z0-9_]{1,64}') THEN rule ELSE 'other' END"
+            con.execute(f"""COPY (SELECT submission_id, {field} AS field, {rule} AS rule, 'reject' AS severity,
+                                        count(DISTINCT row_number) AS rows
                                  FROM validated.rejections WHERE submission_id IN {ids} GROUP BY ALL
                                  UNION ALL
-                                 SELECT submission_id, field, rule, 'flag', count(DISTINCT row_number)
+                                 SELECT submission_id, {field}, {rule}, 'flag', count(DISTINCT row_number)
                                  FROM validated.dq_flags WHERE submission_id IN {ids} GROUP BY ALL)
                             TO '{scratch / 'dq_findings.parquet'}' (FORMAT parquet)""")
             con.unregister("batch_submissions")
