@@ -50,6 +50,7 @@ REABLEMENT_OUTCOMES = {
 }
 # Share of long-term clients who die on each first and last day of a reporting year.
 PERIOD_DAY_DEATH_SHARE = 0.003
+PERIOD_DAY_DEATHS_AT_LEAST = 4
 # Journey starts per month at scale 1 (calibrated: see config.ROWS_PER_PERSON).
 JOURNEYS_PER_TARGET_ROW_MONTH = 1 / 2.42
 
@@ -293,7 +294,7 @@ class Simulator:
         j_start = np.where(legacy, legacy_from + rng.random(n) * (sim_start - legacy_from), j_start).astype(np.int32)
 
         # Who goes where after the request.
-        from_hospital = is_path["reablement"] & (rng.random(n) < 0.4)
+        from_hospital = is_path["reablement"] & (rng.random(n) < 0.35)
         reablement_assessed = is_path["reablement"] & ~from_hospital & (rng.random(n) < 0.75)
         low_assessed = is_path["low_level"] & (rng.random(n) < 0.9)   # an OT assessment before equipment
         assessed = is_path["assessment_only"] | lts | reablement_assessed | low_assessed
@@ -326,8 +327,8 @@ class Simulator:
         at = v["assessment_type"]
         a_idx = np.flatnonzero(assessed)
         a_short = (reablement_assessed | low_assessed)[a_idx]
-        a_start = req_end[a_idx] + np.where(a_short, self._gamma_days(a_idx.size, 1.8, 12, 120),
-                                            self._gamma_days(a_idx.size, 2.0, 19, 180))
+        a_start = req_end[a_idx] + np.where(a_short, self._gamma_days(a_idx.size, 1.8, 14, 120),
+                                            self._gamma_days(a_idx.size, 2.0, 24, 180))
         a_start[same_day_assessment[a_idx]] = j_start[a_idx][same_day_assessment[a_idx]]
         a_end = a_start + np.where(a_short, rng.integers(0, 11, a_idx.size), rng.integers(0, 22, a_idx.size))
         a_out = self._pick("event_outcome", a_idx.size, {
@@ -357,20 +358,20 @@ class Simulator:
 
         # Long-term support after the assessment.
         to_lts = a_idx[lts[a_idx]]
-        self._lts.append((j_person[to_lts], journey_a_end[to_lts] + self._gamma_days(to_lts.size, 1.6, 10, 120),
+        self._lts.append((j_person[to_lts], journey_a_end[to_lts] + self._gamma_days(to_lts.size, 1.8, 11, 120),
                           np.full(to_lts.size, -1, dtype=np.int16), legacy[to_lts]))
 
         # Low-level support (equipment, meals, professional support), after an OT assessment or directly.
         low = np.flatnonzero(is_path["low_level"])
         l_from = np.where(low_assessed[low], journey_a_end[low], req_end[low])
-        l_start = l_from + np.where(low_assessed[low], rng.integers(0, 22, low.size), rng.integers(0, 15, low.size))
+        l_start = l_from + np.where(low_assessed[low], rng.integers(0, 29, low.size), rng.integers(0, 15, low.size))
         l_start[same_day_service[low]] = j_start[low][same_day_service[low]]
         self._low_level(ev, j_person[low], l_start)
 
         # Reablement (ST-Max): after the request, or after a short-term assessment.
         r = np.flatnonzero(is_path["reablement"])
         r_from = np.where(reablement_assessed[r], journey_a_end[r], req_end[r])
-        r_start = r_from + np.where(reablement_assessed[r], rng.integers(0, 11, r.size), rng.integers(0, 6, r.size))
+        r_start = r_from + np.where(reablement_assessed[r], rng.integers(0, 15, r.size), rng.integers(0, 6, r.size))
         r_start[same_day_service[r]] = j_start[r][same_day_service[r]]
         self._reablement(ev, people, j_person[r], r_start)
 
@@ -487,7 +488,7 @@ class Simulator:
         kind = np.array([st.idx("lts_community"), st.idx("lts_residential"), st.idx("lts_nursing")], dtype=np.int16)
         older = r_end[lt] - people.dob[person[lt]] >= 65 * 365.25
         lt_kind = np.where(older, kind[rng.choice(3, size=lt.size, p=[0.78, 0.14, 0.08])],
-                           kind[rng.choice(3, size=lt.size, p=[0.96, 0.03, 0.01])]).astype(np.int16)
+                           kind[rng.choice(3, size=lt.size, p=[0.95, 0.04, 0.01])]).astype(np.int16)
         self._lts.append((person[lt], lt_start, lt_kind, np.zeros(lt.size, bool)))
         # (b) Short-term residential or nursing care, (c) other short-term home support.
         weekly = v["cost_frequency_unit_type"].idx("weekly")
@@ -550,9 +551,9 @@ class Simulator:
         ld = people.coded["Primary_Support_Reason"][person] == v["primary_support_reason"].idx("learning_disability")
         u = rng.random(n)
         old, very_old = age >= 65, age >= 85
-        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.14, 0.08], 0.006)
+        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.165, 0.10], 0.010)
         p_resid = np.select([long_stay & old, long_stay & ld, long_stay, very_old, old],
-                            [0.40, 0.45, 0.15, 0.24, 0.15], 0.036)
+                            [0.40, 0.45, 0.15, 0.29, 0.185], 0.060)
         s_type = np.full(n, st.idx("lts_community"), dtype=np.int16)
         s_type[u < p_nursing + p_resid] = st.idx("lts_residential")
         s_type[u < p_nursing] = st.idx("lts_nursing")
@@ -563,7 +564,7 @@ class Simulator:
         # component) for about a third of working-age clients and one in seven older ones; the rest
         # mostly as council-managed personal budgets (ASCOF 3D: config.PUBLISHED_TARGETS).
         community = s_type == st.idx("lts_community")
-        dp = community & (rng.random(n) < np.where(age < 65, 0.36, 0.13))
+        dp = community & (rng.random(n) < np.where(age < 65, 0.37, 0.14))
         keys = ("home_support", "supported_living", "extra_care", "shared_lives")
         among = np.array([sc.idx(k) for k in keys], dtype=np.int16)
         comp = np.empty(n, dtype=np.int16)
@@ -711,12 +712,12 @@ class Simulator:
         # Direct support to carers: mostly direct payments (ASCOF 3D part 2b), some council-managed
         # budgets or commissioned support, a few with no delivery mechanism recorded.
         d = rng.random(direct.size)
-        delivery = np.select([d < 0.735, d < 0.86, d < 0.97], [dm.idx("direct_payment"), dm.idx("managed_budget"),
+        delivery = np.select([d < 0.79, d < 0.875, d < 0.97], [dm.idx("direct_payment"), dm.idx("managed_budget"),
                                                                dm.idx("commissioned")], -1)
         not_dp = direct_among[direct_among != sc.idx("direct_payment")]
         comp = np.where(direct, sc.sample(rng, direct.size, among=not_dp),
                         sc.sample(rng, direct.size, among=involving_among)).astype(np.int16)
-        dp_one_off = direct & (delivery == dm.idx("direct_payment")) & (rng.random(direct.size) < 0.6)
+        dp_one_off = direct & (delivery == dm.idx("direct_payment")) & (rng.random(direct.size) < 0.3)
         comp[dp_one_off] = sc.idx("direct_payment")
         delivery = np.where(direct, delivery, np.where(rng.random(direct.size) < 0.8, dm.idx("commissioned"),
                                                        dm.idx("managed_budget"))).astype(np.int16)
@@ -790,6 +791,8 @@ class Simulator:
             active = lt & (events.start < day - 30) & ((events.end == NA_DAY) | (events.end > day))
             candidates = np.unique(events.person[active])
             chosen = candidates[self.rng.random(candidates.size) < PERIOD_DAY_DEATH_SHARE]
+            if chosen.size < PERIOD_DAY_DEATHS_AT_LEAST:   # small collections: a few all the same
+                chosen = self.rng.choice(candidates, size=min(PERIOD_DAY_DEATHS_AT_LEAST, candidates.size), replace=False)
             self._forced_person.append(chosen)
             self._forced_day.append(np.full(chosen.size, day, dtype=np.int64))
 
