@@ -440,7 +440,7 @@ class Simulator:
         chain = rng.random(m) < 0.10
         cut = r_start + (dur * rng.uniform(0.3, 0.6, m)).astype(np.int32)
         gap = rng.integers(-5, 8, m)
-        second_start = np.maximum(cut + gap, r_start + 1)
+        second_start = np.minimum(np.maximum(cut + gap, r_start + 1), r_end)
         last_start = np.where(chain, second_start, r_start)
         provider = rng.integers(0, 30, m)
         stmax = dict(event_type=et.idx("service"), service_type=st.idx("st_max"), delivery=dm.idx("commissioned"))
@@ -542,7 +542,8 @@ class Simulator:
     def _long_term_services(self, ev: _EventBlocks, people: People, person: np.ndarray, start: np.ndarray,
                             kind: np.ndarray, long_stay: np.ndarray, sim_end: int) -> None:
         """Long-term support packages. `kind` is a service type position, or -1 to draw it by age;
-        `long_stay` marks long-standing working-age placements (longer, more often residential)."""
+        `long_stay` marks support that began before the simulated span (more often in a care home,
+        and for working-age people much longer)."""
         rng, v = self.rng, self.v
         st, sc, out = v["service_type"], v["service_component"], v["event_outcome"]
         et, dm, freq = v["event_type"], v["delivery_mechanism"], v["cost_frequency_unit_type"]
