@@ -90,13 +90,17 @@ def plan_files(truth: Truth, vocab: Vocabularies, rng: np.random.Generator, peri
         selected = np.flatnonzero(window_mask(truth, vocab, period_end))
         bounds = np.searchsorted(person_la[selected], np.arange(n_la + 1))
         period_start = add_months(period_end + dt.timedelta(days=1), -12)
+        resubmitting = rng.random(n_la) < resubmission_share
+        if resubmission_share > 0 and not resubmitting.any():
+            # A few councils only: still at least one corrected file a quarter, as the share asks for.
+            resubmitting[rng.integers(0, n_la)] = True
         for la_idx, la in enumerate(councils):
             rows = selected[bounds[la_idx]:bounds[la_idx + 1]]
             if rows.size == 0:
                 continue
             submitted = dt.datetime.combine(period_end, dt.time(9)) + dt.timedelta(
                 days=int(rng.integers(14, 36)), minutes=int(rng.integers(0, 8 * 60)))
-            resubmits = rng.random() < resubmission_share
+            resubmits = bool(resubmitting[la_idx])
             versions = [(1, submitted, 3.0 if resubmits else 1.0)]
             if resubmits:
                 versions.append((2, submitted + dt.timedelta(days=int(rng.integers(7, 30))), 0.3))
