@@ -25,7 +25,7 @@ EPOCH = dt.date(1970, 1, 1)
 PATHS = ("contact", "reablement", "low_level", "assessment_only", "long_term")
 PATH_SHARES = np.array([0.36, 0.16, 0.08, 0.12, 0.28])
 LTS_HISTORY_YEARS = 3
-# Share of long-term journeys that are long-standing (begun up to 20 years, for people of working
+# Share of long-term journeys that are long-standing (begun up to 15 years, for people of working
 # age, or 8 years before the simulated span), so that the stock of care-home residents is realistic
 # while new admissions stay at the published rates (2B, 2C, 2E).
 LONG_STANDING_SHARE = (0.45, 0.40)   # working-age, 65 and over
@@ -290,7 +290,8 @@ class Simulator:
         working_age = sim_end - people.dob[j_person] < 65 * 365.25
         legacy = (lts & (adult_from < sim_start - 365)
                   & (rng.random(n) < np.where(working_age, LONG_STANDING_SHARE[0], LONG_STANDING_SHARE[1])))
-        legacy_from = np.maximum(adult_from, first_window - np.where(working_age, 20, 8) * 365)
+        # (At most 15 years back: every event date stays later than the youngest adult's birth date.)
+        legacy_from = np.maximum(adult_from, first_window - np.where(working_age, 15, 8) * 365)
         j_start = np.where(legacy, legacy_from + rng.random(n) * (sim_start - legacy_from), j_start).astype(np.int32)
 
         # Who goes where after the request.
@@ -488,7 +489,7 @@ class Simulator:
         kind = np.array([st.idx("lts_community"), st.idx("lts_residential"), st.idx("lts_nursing")], dtype=np.int16)
         older = r_end[lt] - people.dob[person[lt]] >= 65 * 365.25
         lt_kind = np.where(older, kind[rng.choice(3, size=lt.size, p=[0.78, 0.14, 0.08])],
-                           kind[rng.choice(3, size=lt.size, p=[0.95, 0.04, 0.01])]).astype(np.int16)
+                           kind[rng.choice(3, size=lt.size, p=[0.96, 0.03, 0.01])]).astype(np.int16)
         self._lts.append((person[lt], lt_start, lt_kind, np.zeros(lt.size, bool)))
         # (b) Short-term residential or nursing care, (c) other short-term home support.
         weekly = v["cost_frequency_unit_type"].idx("weekly")
@@ -552,9 +553,9 @@ class Simulator:
         ld = people.coded["Primary_Support_Reason"][person] == v["primary_support_reason"].idx("learning_disability")
         u = rng.random(n)
         old, very_old = age >= 65, age >= 85
-        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.165, 0.10], 0.010)
+        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.165, 0.10], 0.008)
         p_resid = np.select([long_stay & old, long_stay & ld, long_stay, very_old, old],
-                            [0.40, 0.45, 0.15, 0.29, 0.185], 0.060)
+                            [0.40, 0.45, 0.15, 0.29, 0.185], 0.045)
         s_type = np.full(n, st.idx("lts_community"), dtype=np.int16)
         s_type[u < p_nursing + p_resid] = st.idx("lts_residential")
         s_type[u < p_nursing] = st.idx("lts_nursing")
