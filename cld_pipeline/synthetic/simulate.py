@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -53,6 +54,22 @@ PERIOD_DAY_DEATH_SHARE = 0.003
 PERIOD_DAY_DEATHS_AT_LEAST = 4
 # Journey starts per month at scale 1 (calibrated: see config.ROWS_PER_PERSON).
 JOURNEYS_PER_TARGET_ROW_MONTH = 1 / 2.42
+
+
+@lru_cache(maxsize=1)
+def name_pools() -> tuple[np.ndarray, tuple[str, ...]]:
+    """Positions in the surname list that people draw from, and the names GP practices and care
+    providers are called after: none of the latter contains a person's first or last name, so an
+    organisation's name never reads as a person's name (the privacy tests look for those)."""
+    from faker.providers.person.en_GB import Provider as NamePool  # maintained name lists
+
+    surnames = list(NamePool.last_names)
+    first = set(NamePool.first_names_female) | set(NamePool.first_names_male)
+    kept = [n for i, n in enumerate(surnames) if i % 4 == 3]
+    people = [i for i, n in enumerate(surnames) if i % 4 != 3 and not any(n in k for k in kept)]
+    organisations = tuple(k for k in kept if not any(x in k for x in first)
+                          and not any(surnames[i] in k for i in people))
+    return np.array(people, dtype=np.int32), organisations
 
 
 def to_day(d: dt.date) -> int:
@@ -225,6 +242,7 @@ class Simulator:
         sex = coded["Gender"]
         from faker.providers.person.en_GB import Provider as NamePool  # maintained name lists
         n_first = len(NamePool.first_names_female)
+        surnames = name_pools()[0]
         first_name = rng.integers(0, n_first, size=total)
         first_name = np.where(sex == v["gender"].idx("male"), first_name + n_first, first_name)
 
@@ -239,7 +257,8 @@ class Simulator:
             client_type=client_type,
             coded=coded,
             first_name=first_name.astype(np.int32),
-            last_name=rng.integers(0, len(NamePool.last_names), size=total).astype(np.int32),
+            last_name=surnames[rng.integers(0, len(NamePool.last_names), size=total) * surnames.size
+                               // len(NamePool.last_names)],
             postcode_district=rng.integers(1, 30, size=total).astype(np.int16),
             postcode_sector=rng.integers(0, 10, size=total).astype(np.int8),
             postcode_unit=rng.integers(0, 400, size=total).astype(np.int16),
