@@ -129,15 +129,15 @@ class Target:
 
 
 PUBLISHED_TARGETS: dict[str, Target] = {
-    "2A": Target(77.0, 9.0),
-    "2B": Target(14.0, 8.0),          # per 100,000 at national volume
-    "2C": Target(560.0, 160.0),       # per 100,000 at national volume
-    "2D": Target(82.0, 8.0),
-    "2E-LD": Target(80.5, 9.0),
-    "3D-1a": Target(92.5, 4.0),
-    "3D-2a": Target(25.5, 6.0),
-    "3D-1b": Target(89.0, 9.0),
-    "3D-2b": Target(76.0, 12.0),
+    "ascof_2a": Target(77.0, 9.0),
+    "ascof_2b": Target(14.0, 8.0),          # per 100,000 at national volume
+    "ascof_2c": Target(560.0, 160.0),       # per 100,000 at national volume
+    "ascof_2d": Target(82.0, 8.0),
+    "ascof_2e_ld": Target(80.5, 9.0),
+    "ascof_3d_1a": Target(92.5, 4.0),
+    "ascof_3d_2a": Target(25.5, 6.0),
+    "ascof_3d_1b": Target(89.0, 9.0),
+    "ascof_3d_2b": Target(76.0, 12.0),
     "median_request_to_assessment": Target(25.0, 8.0),   # days
     "median_assessment_to_service": Target(20.0, 10.0),  # days
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -25,7 +26,7 @@ EPOCH = dt.date(1970, 1, 1)
 PATHS = ("contact", "reablement", "low_level", "assessment_only", "long_term")
 PATH_SHARES = np.array([0.36, 0.16, 0.08, 0.12, 0.28])
 LTS_HISTORY_YEARS = 3
-# Share of long-term journeys that are long-standing (begun up to 20 years, for people of working
+# Share of long-term journeys that are long-standing (begun up to 15 years, for people of working
 # age, or 8 years before the simulated span), so that the stock of care-home residents is realistic
 # while new admissions stay at the published rates (2B, 2C, 2E).
 LONG_STANDING_SHARE = (0.45, 0.40)   # working-age, 65 and over
@@ -53,6 +54,22 @@ PERIOD_DAY_DEATH_SHARE = 0.003
 PERIOD_DAY_DEATHS_AT_LEAST = 4
 # Journey starts per month at scale 1 (calibrated: see config.ROWS_PER_PERSON).
 JOURNEYS_PER_TARGET_ROW_MONTH = 1 / 2.42
+
+
+@lru_cache(maxsize=1)
+def name_pools() -> tuple[np.ndarray, tuple[str, ...]]:
+    """Positions in the surname list that people draw from, and the names GP practices and care
+    providers are called after: none of the latter contains a person's first or last name, so an
+    organisation's name never reads as a person's name (the privacy tests look for those)."""
+    from faker.providers.person.en_GB import Provider as NamePool  # maintained name lists
+
+    surnames = list(NamePool.last_names)
+    first = set(NamePool.first_names_female) | set(NamePool.first_names_male)
+    kept = [n for i, n in enumerate(surnames) if i % 4 == 3]
+    people = [i for i, n in enumerate(surnames) if i % 4 != 3 and not any(n in k for k in kept)]
+    organisations = tuple(k for k in kept if not any(x in k for x in first)
+                          and not any(surnames[i] in k for i in people))
+    return np.array(people, dtype=np.int32), organisations
 
 
 def to_day(d: dt.date) -> int:
@@ -225,6 +242,7 @@ class Simulator:
         sex = coded["Gender"]
         from faker.providers.person.en_GB import Provider as NamePool  # maintained name lists
         n_first = len(NamePool.first_names_female)
+        surnames = name_pools()[0]
         first_name = rng.integers(0, n_first, size=total)
         first_name = np.where(sex == v["gender"].idx("male"), first_name + n_first, first_name)
 
@@ -239,7 +257,8 @@ class Simulator:
             client_type=client_type,
             coded=coded,
             first_name=first_name.astype(np.int32),
-            last_name=rng.integers(0, len(NamePool.last_names), size=total).astype(np.int32),
+            last_name=surnames[rng.integers(0, len(NamePool.last_names), size=total) * surnames.size
+                               // len(NamePool.last_names)],
             postcode_district=rng.integers(1, 30, size=total).astype(np.int16),
             postcode_sector=rng.integers(0, 10, size=total).astype(np.int8),
             postcode_unit=rng.integers(0, 400, size=total).astype(np.int16),
@@ -290,7 +309,8 @@ class Simulator:
         working_age = sim_end - people.dob[j_person] < 65 * 365.25
         legacy = (lts & (adult_from < sim_start - 365)
                   & (rng.random(n) < np.where(working_age, LONG_STANDING_SHARE[0], LONG_STANDING_SHARE[1])))
-        legacy_from = np.maximum(adult_from, first_window - np.where(working_age, 20, 8) * 365)
+        # (At most 15 years back: every event date stays later than the youngest adult's birth date.)
+        legacy_from = np.maximum(adult_from, first_window - np.where(working_age, 15, 8) * 365)
         j_start = np.where(legacy, legacy_from + rng.random(n) * (sim_start - legacy_from), j_start).astype(np.int32)
 
         # Who goes where after the request.
@@ -488,7 +508,7 @@ class Simulator:
         kind = np.array([st.idx("lts_community"), st.idx("lts_residential"), st.idx("lts_nursing")], dtype=np.int16)
         older = r_end[lt] - people.dob[person[lt]] >= 65 * 365.25
         lt_kind = np.where(older, kind[rng.choice(3, size=lt.size, p=[0.78, 0.14, 0.08])],
-                           kind[rng.choice(3, size=lt.size, p=[0.95, 0.04, 0.01])]).astype(np.int16)
+                           kind[rng.choice(3, size=lt.size, p=[0.96, 0.03, 0.01])]).astype(np.int16)
         self._lts.append((person[lt], lt_start, lt_kind, np.zeros(lt.size, bool)))
         # (b) Short-term residential or nursing care, (c) other short-term home support.
         weekly = v["cost_frequency_unit_type"].idx("weekly")
@@ -552,9 +572,9 @@ class Simulator:
         ld = people.coded["Primary_Support_Reason"][person] == v["primary_support_reason"].idx("learning_disability")
         u = rng.random(n)
         old, very_old = age >= 65, age >= 85
-        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.165, 0.10], 0.010)
+        p_nursing = np.select([long_stay & old, long_stay, very_old, old], [0.20, 0.02, 0.165, 0.10], 0.008)
         p_resid = np.select([long_stay & old, long_stay & ld, long_stay, very_old, old],
-                            [0.40, 0.45, 0.15, 0.29, 0.185], 0.060)
+                            [0.40, 0.45, 0.15, 0.29, 0.185], 0.045)
         s_type = np.full(n, st.idx("lts_community"), dtype=np.int16)
         s_type[u < p_nursing + p_resid] = st.idx("lts_residential")
         s_type[u < p_nursing] = st.idx("lts_nursing")
