@@ -80,3 +80,64 @@ class GeneratorConfig:
     @property
     def target_rows(self) -> int:
         return self.rows_per_quarter or SCALES[self.scale].rows_per_quarter
+
+
+# --- Calibration -----------------------------------------------------------------------------------
+#
+# What the generator aims at, so that on synthetic data every ASCOF measure and waiting time lands in
+# a plausible range and each branch of a measure shows (docs/synthetic-data.md, "Calibration").
+# Published England figures, with their source; `target` is what the generator is tuned to and
+# `tolerance` what the generator tests accept on the small test collections (which are noisy).
+#
+#   2A  short-term support (reablement) with no further request for ongoing support:
+#       79.5% 2019-20, 74.9% 2020-21 (then numbered 2D, "outcome of short-term services: sequel to
+#       service"; NHS Digital, Measures from the ASCOF, England 2020-21); about 75-80% for 2023-24
+#       and 2024-25 (CLD-derived, DHSC, Measures from ASCOF, England: 2024 to 2025; figure not
+#       retrievable here, range as briefed).
+#   2B  new permanent admissions to residential and nursing care, 18-64, per 100,000: 14.1 2014-15,
+#       12.8 2016-17, 14.6 2019-20 (Nuffield Trust QualityWatch "Admissions to care homes", from
+#       NHS Digital ASCOF); about 14 since.
+#   2C  the same, 65 and over: 659 2014-15, 584 2019-20, 498 2020-21 (same source); about 550-570
+#       for 2023-24 (as briefed, not verified here).
+#   2D  older people still at home 91 days after discharge into reablement: about 82% 2011-12 to
+#       2019-20, 82.0% 2019-20, 79.1% 2020-21 (NHS Digital ASCOF 2020-21, then 2B(1); QualityWatch).
+#   2E  adults with a learning disability (18-64) living in their own home or with family:
+#       77.3% 2019-20 (England comparator quoted by Shropshire Council's performance page), 78% 2020-21,
+#       79% 2021-22 (QualityWatch, from NHS Digital ASCOF 1G); about 80-81% for 2023-24 (as briefed).
+#   3D-1a self-directed support, clients: about 92-93% (as briefed; SALT LTS001b definition, NHS
+#       England "SALT data sources for ASCOF 2023-24", measure 3D).
+#   3D-2a direct payments, clients: 26.2% 2022-23, 25.5% 2023-24; 37% of 18-64 and 14% of 65+
+#       (People Places Lives, "Direct Payments Analysis 2023/24", from NHS Digital's published data).
+#   3D-1b / 3D-2b self-directed support / direct payments, carers: about 89% and 76% (as briefed:
+#       3D-1b 88-99%, 3D-2b 75-77%; not verified here).
+#   Waiting times (DHSC's CLD waiting-time statistics are announced for 2026-27 and not yet
+#       published): request to assessment median 27 days 2022-23 and 41 days 2021-22 (Wokingham
+#       Borough Council FOI answer); mean 26-34 days request to assessment and 13-27 days assessment
+#       to service 2015-16 to 2018-19 (Devon County Council FOI answers). Briefed: median request to
+#       assessment about 20-30 days, assessment to service about 10-30 days.
+#
+# 2B and 2C are rates per ONS population, so on synthetic data they scale with the volume: the
+# national scale (8 million rows a quarter, about the real collection) gives the real rate, and a
+# smaller scale gives it times rows_per_quarter / 8 million.
+NATIONAL_ROWS_PER_QUARTER = 8_000_000
+
+
+@dataclass(frozen=True)
+class Target:
+    target: float
+    tolerance: float   # accepted distance on the tiny test collections
+
+
+PUBLISHED_TARGETS: dict[str, Target] = {
+    "ascof_2a": Target(77.0, 9.0),
+    "ascof_2b": Target(14.0, 8.0),          # per 100,000 at national volume
+    "ascof_2c": Target(560.0, 160.0),       # per 100,000 at national volume
+    "ascof_2d": Target(82.0, 8.0),
+    "ascof_2e_ld": Target(80.5, 9.0),
+    "ascof_3d_1a": Target(92.5, 4.0),
+    "ascof_3d_2a": Target(25.5, 6.0),
+    "ascof_3d_1b": Target(89.0, 9.0),
+    "ascof_3d_2b": Target(76.0, 12.0),
+    "median_request_to_assessment": Target(25.0, 8.0),   # days
+    "median_assessment_to_service": Target(20.0, 10.0),  # days
+}

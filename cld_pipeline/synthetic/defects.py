@@ -16,7 +16,7 @@ import numpy as np
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec, normalise_header
 from cld_pipeline.synthetic.config import DefectRates
-from cld_pipeline.synthetic.simulate import NA_DAY, Truth
+from cld_pipeline.synthetic.simulate import LONG_TERM_KEYS, NA_DAY, Truth
 from cld_pipeline.synthetic.submissions import SubmissionFile, day_to_date
 from cld_pipeline.synthetic.vocab import Vocabularies
 
@@ -62,6 +62,11 @@ RULE = {
     "formula_string": "",
     "stray_encoding": "",
 }
+
+# Persistent defects (`DefectInjector.persistent`) as a multiple of the row rate of the same kind:
+# the share of long-term clients with an invalid accommodation code on every row, and of service
+# users' requests with no outcome in any file.
+PERSISTENT_SHARE = {"invalid_code": 1.5, "mandatory_blank": 3.0}
 
 UNKNOWN_EVENT_TYPES = ("Telephone contact", "Safeguarding enquiry", "Information only")
 FORMULAS = ('=HYPERLINK("http://example.invalid","open")', "+SUM(1+1)", "@cmd|' /C calc'!A0", "-2+3")
@@ -138,14 +143,42 @@ class DefectInjector:
                 return typo
         return value + " (please specify)"
 
+    def persistent(self, rates: DefectRates) -> tuple[np.ndarray, dict[int, str]]:
+        """Defects a council's system repeats in every file: requests whose outcome was never
+        recorded (events), and people whose accommodation is held as a code that maps to nothing
+        (person -> the invalid text, on every row). Unlike row defects they survive de-duplication
+        and the latest-person-details rules, which is what the waiting times and ASCOF 2E meet."""
+        rng, e, p, v = self.rng, self.truth.events, self.truth.people, self.v
+        user = p.client_type[e.person] == v["client_type"].idx("service_user")
+        long_term = np.isin(e.ints["service_type"], [v["service_type"].idx(k) for k in LONG_TERM_KEYS])
+        clients = np.unique(e.person[long_term & user])
+        chosen = clients[rng.random(clients.size) < rates.invalid_code * PERSISTENT_SHARE["invalid_code"]]
+        acc = v["accommodation_status"]
+        accommodation = {int(q): self._typo(acc.name, acc.values[int(p.coded["Accommodation_Status"][q])])
+                         for q in chosen}
+        requests = np.flatnonzero((e.ints["event_type"] == v["event_type"].idx("request")) & user
+                                  & ~np.isin(e.person, chosen))
+        blank = requests[rng.random(requests.size) < rates.mandatory_blank * PERSISTENT_SHARE["mandatory_blank"]]
+        return blank, accommodation
+
     def inject(self, files: list[SubmissionFile], rates: DefectRates) -> list[Defect]:
         defects: list[Defect] = []
         other_codes = [la.submission_code for la in load_local_authorities()]
         e = self.truth.events
         service = self.v["event_type"].idx("service")
+        blank_outcome, bad_accommodation = self.persistent(rates)
+        bad_people = np.array(sorted(bad_accommodation), dtype=np.int64)
         for f in files:
             n = f.rows.size
             used = np.zeros(n, dtype=bool)
+            for i in np.flatnonzero(np.isin(f.rows, blank_outcome)):
+                used[i] = True
+                defects.append(Defect(f.file_id, int(i) + 1, "mandatory_blank", {"Event_Outcome": None}))
+            person = e.person[f.rows]
+            for i in np.flatnonzero(np.isin(person, bad_people) & ~used):
+                used[i] = True
+                defects.append(Defect(f.file_id, int(i) + 1, "invalid_code",
+                                      {"Accommodation_Status": bad_accommodation[int(person[i])]}))
             ev_type = e.ints["event_type"][f.rows]
             end = e.end[f.rows]
             end_written = (end != NA_DAY) & (end <= (f.period_end - dt.date(1970, 1, 1)).days)

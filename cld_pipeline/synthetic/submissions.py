@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 from cld_pipeline.lib.privacy.identifiers import INWARD_UNIT_LETTERS
 from cld_pipeline.reference import LocalAuthority
 from cld_pipeline.spec import load_spec
-from cld_pipeline.synthetic.simulate import EPOCH, NA_DAY, Truth, add_months, to_day
+from cld_pipeline.synthetic.simulate import EPOCH, NA_DAY, Truth, add_months, name_pools, to_day
 from cld_pipeline.synthetic.vocab import Vocabularies
 
 ISO = "%Y-%m-%d"
@@ -90,13 +90,17 @@ def plan_files(truth: Truth, vocab: Vocabularies, rng: np.random.Generator, peri
         selected = np.flatnonzero(window_mask(truth, vocab, period_end))
         bounds = np.searchsorted(person_la[selected], np.arange(n_la + 1))
         period_start = add_months(period_end + dt.timedelta(days=1), -12)
+        resubmitting = rng.random(n_la) < resubmission_share
+        if resubmission_share > 0 and not resubmitting.any():
+            # A few councils only: still at least one corrected file a quarter, as the share asks for.
+            resubmitting[rng.integers(0, n_la)] = True
         for la_idx, la in enumerate(councils):
             rows = selected[bounds[la_idx]:bounds[la_idx + 1]]
             if rows.size == 0:
                 continue
             submitted = dt.datetime.combine(period_end, dt.time(9)) + dt.timedelta(
                 days=int(rng.integers(14, 36)), minutes=int(rng.integers(0, 8 * 60)))
-            resubmits = rng.random() < resubmission_share
+            resubmits = bool(resubmitting[la_idx])
             versions = [(1, submitted, 3.0 if resubmits else 1.0)]
             if resubmits:
                 versions.append((2, submitted + dt.timedelta(days=int(rng.integers(7, 30))), 0.3))
@@ -273,6 +277,7 @@ class Renderer:
         self.overrides = overrides
         self.first_names = pa.array(list(NamePool.first_names_female) + list(NamePool.first_names_male))
         self.last_names = pa.array(list(NamePool.last_names))
+        self.organisation_names = pa.array(name_pools()[1])
         p, e = truth.people, truth.events
         self.people = pa.table({
             "pid": pa.array(np.arange(len(p), dtype=np.int32)),
@@ -330,13 +335,13 @@ class Renderer:
             cols[f"p_{name}"] = col
         lp = pa.array(linked, mask=linked < 0)
         cols["lp_la_person_no"] = self.people.column("la_person_no").take(lp)
-        n_last = len(self.last_names)
+        n_org = len(self.organisation_names)
         la = p.la_idx[person].astype(np.int64)
         cols["fn_name"] = self.first_names.take(pa.array(p.first_name[person]))
         cols["ln_name"] = self.last_names.take(pa.array(p.last_name[person]))
-        cols["gp_name"] = self.last_names.take(pa.array((la * 40 + p.gp_practice[person]) % n_last))
+        cols["gp_name"] = self.organisation_names.take(pa.array((la * 40 + p.gp_practice[person]) % n_org))
         provider = e.provider[ev]
-        cols["pv_name"] = self.last_names.take(pa.array((la * 60 + provider) % n_last, mask=provider < 0))
+        cols["pv_name"] = self.organisation_names.take(pa.array((la * 60 + provider) % n_org, mask=provider < 0))
         return pa.table(cols)
 
     def _chunk_overrides(self, chunk: list[SubmissionFile]) -> tuple[pa.Table | None, list[str]]:
