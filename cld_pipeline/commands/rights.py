@@ -17,6 +17,7 @@ from cld_pipeline import settings
 from cld_pipeline.defs.operations.audit import sync_dagster
 from cld_pipeline.lib.privacy import audit, rights
 from cld_pipeline.lib.privacy import rights_actions as actions
+from cld_pipeline.lib.warehouse import table_exists
 from cld_pipeline.environment import load_pseudonymisation_ring as _ring
 
 
@@ -94,7 +95,7 @@ def rebuild(defs, instance: dg.DagsterInstance, summary: dict, tags: dict, log) 
     _, analytics = _zones()
     with analytics.get_connection() as con:
         def built(table: str) -> dict:
-            if not actions._exists(con, *table.split(".")):
+            if not table_exists(con, *table.split(".")):
                 return {}
             return dict(con.execute(f"SELECT quarter, max(as_of_date) FROM {table} GROUP BY quarter").fetchall()
                         if table.startswith("benchmark") else

@@ -20,6 +20,13 @@ def transaction(con: duckdb.DuckDBPyConnection):
         raise
 
 
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str, catalog: str | None = None) -> bool:
+    """Whether `schema.table` exists, in `catalog` when given, else in any attached database."""
+    where = "table_schema = ? AND table_name = ?" + (" AND table_catalog = ?" if catalog else "")
+    return bool(con.execute(f"SELECT count(*) FROM information_schema.tables WHERE {where}",
+                            [schema, table, *([catalog] if catalog else [])]).fetchall()[0][0])
+
+
 def replace_slice(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str, params: list) -> None:
     """Replace the rows of `table` matching `where` with the rows of `source` (a relation or
     `read_parquet(...)`), in one transaction; the table is created from `source` the first time."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from cld_pipeline.lib.benchmark import dhsc, exclusions, measures, method
 from cld_pipeline.lib.privacy import disclosure
+from cld_pipeline.lib.warehouse import table_exists
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec
 
@@ -214,9 +215,7 @@ def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) 
     parts = [measures.ascof_2a_sql(), measures.ascof_2bc_sql(), measures.ascof_2e_sql(), measures.ascof_3d_sql()]
     _run(con, "CREATE OR REPLACE TEMP TABLE ascof_la AS " + " UNION ALL ".join(f"SELECT * FROM ({p})" for p in parts),
          params)
-    has_2d = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'linked' "
-                         "AND table_name = 'ascof_2d'").fetchall()[0][0]
-    if has_2d:
+    if table_exists(con, "linked", "ascof_2d"):
         con.execute("INSERT INTO ascof_la SELECT la_code, measure, 'Total', numerator, denominator FROM linked.ascof_2d "
                     "WHERE quarter = ?", [inputs.quarter])
     # DHSC's companions to ASCOF: people left out for unknown accommodation or delivery mechanism
@@ -257,7 +256,7 @@ def build_raw_measures(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs) 
 def build_raw_data_quality(con: duckdb.DuckDBPyConnection) -> None:
     """`raw_data_quality`: how many of the submitted rows each field and rule caught, in the files
     behind the 12-month figures, for each council, region and England (DHSC's DQ values table)."""
-    if not _exists(con, "pseudonymised", "dq_findings"):
+    if not table_exists(con, "pseudonymised", "dq_findings"):
         con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
         con.execute("""CREATE TABLE IF NOT EXISTS pseudonymised.dq_findings (submission_id VARCHAR, field VARCHAR,
                        rule VARCHAR, severity VARCHAR, rows BIGINT)""")
@@ -489,11 +488,6 @@ def previous_quarter(quarter: str) -> str:
     return f"{year - 1}-Q4" if q == 1 else f"{year}-Q{q - 1}"
 
 
-def _exists(con, schema: str, table: str) -> bool:
-    return bool(con.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                            [schema, table]).fetchall())
-
-
 def build_release_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs,
                          threshold: float = RELEASE_CHANGE_THRESHOLD) -> dict[str, int]:
     """Tables about the release itself, from the shared tables (so nothing here is less protected):
@@ -520,7 +514,7 @@ def build_release_tables(con: duckdb.DuckDBPyConnection, inputs: BenchmarkInputs
                   SELECT geography_level, geography_code, geography_name, 'median days ' || interval,
                          CAST(median_days AS DOUBLE) FROM {s}waiting_times WHERE {w}"""
     before = (headline.format(s="benchmark.", w=f"quarter = '{previous}'")
-              if _exists(con, "benchmark", "ascof") and _exists(con, "benchmark", "waiting_times")
+              if table_exists(con, "benchmark", "ascof") and table_exists(con, "benchmark", "waiting_times")
               else "SELECT NULL::VARCHAR AS geography_level, NULL::VARCHAR AS geography_code, "
                    "NULL::VARCHAR AS geography_name, NULL::VARCHAR AS figure, NULL::DOUBLE AS value LIMIT 0")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE release_changes AS

@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 from jinja2 import Environment
 from plotly.offline import get_plotlyjs
 
+from cld_pipeline.lib.warehouse import table_exists
+
 PALETTE = {"LA": "#0072B2", "Region": "#E69F00", "England": "#009E73"}   # Okabe-Ito
 EXTRA = ["#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 SUPPRESSED = "*"
@@ -104,7 +106,7 @@ class DashboardBuilder:
         meta = self._rows("SELECT any_value(as_of_date), count(*) FROM benchmark.ascof WHERE quarter = ?", [self.quarter])
         self.as_of = meta[0][0]
         log = self._rows("SELECT method_version, method_changes FROM benchmark.method_log WHERE quarter = ?",
-                         [self.quarter]) if self._has("benchmark", "method_log") else []
+                         [self.quarter]) if table_exists(self.con, "benchmark", "method_log") else []
         self.method = log[0] if log else (None, None)
         las = self._rows("""SELECT DISTINCT c.la_code, c.la_name, c.region_code, c.region_name FROM benchmark.comparison c
                             WHERE c.quarter = ? AND c.la_code IN (SELECT geography_code FROM benchmark.activity
@@ -274,15 +276,11 @@ class DashboardBuilder:
     def _excluded_section(self, code: str | None) -> dict:
         rows = self._rows("""SELECT la_code, quarter, submission_id, reason FROM benchmark.excluded_submissions
                              WHERE ? IS NULL OR la_code = ? ORDER BY la_code, quarter""", [code, code]) \
-            if self._has("benchmark", "excluded_submissions") else []
+            if table_exists(self.con, "benchmark", "excluded_submissions") else []
         return {"id": "excluded", "title": "Submissions left out by the operator", "chart": None,
                 "note": "Files excluded from every figure (the council's previous file is used where there is one)."
                         if rows else "No submission is excluded.",
                 "header": ["LA", "quarter", "submission", "reason"], "rows": [[_cell(c) for c in r] for r in rows]}
-
-    def _has(self, schema: str, table: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                               [schema, table]))
 
     # --- pages ---------------------------------------------------------------------------------------
 

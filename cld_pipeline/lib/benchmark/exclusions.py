@@ -15,6 +15,7 @@ import datetime as dt
 import duckdb
 
 from cld_pipeline.lib.privacy.rights import RightsError, check_free_text
+from cld_pipeline.lib.warehouse import table_exists
 
 TABLE = "benchmark.excluded_submissions"
 
@@ -40,7 +41,7 @@ def exclude(con: duckdb.DuckDBPyConnection, submission_id: str, reason: str, exc
         raise ExclusionError(str(err)) from None
     ensure_schema(con)
     found = con.execute("SELECT la_code, quarter FROM pseudonymised.submissions WHERE submission_id = ?",
-                        [submission_id]).fetchall() if _has_ledger(con) else []
+                        [submission_id]).fetchall() if table_exists(con, "pseudonymised", "submissions") else []
     if not found:
         raise ExclusionError(f"No submission {submission_id!r} has reached the analysts' zone: check the id in "
                              "`cld-pipeline exclude list --received` (or the raw_submission partitions in the UI).")
@@ -67,14 +68,9 @@ def listing(con: duckdb.DuckDBPyConnection) -> list[dict]:
 
 def received(con: duckdb.DuckDBPyConnection) -> list[dict]:
     """Submissions that could be listed: the analysts' zone ledger, newest first."""
-    if not _has_ledger(con):
+    if not table_exists(con, "pseudonymised", "submissions"):
         return []
     cur = con.execute("SELECT submission_id, la_code, quarter, received_at, status FROM pseudonymised.submissions "
                       "ORDER BY received_at DESC, submission_id")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
-
-
-def _has_ledger(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(con.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = 'pseudonymised' "
-                            "AND table_name = 'submissions'").fetchall())

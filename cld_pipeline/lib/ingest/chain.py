@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import duckdb
 
 from cld_pipeline.lib.validation.store import ensure_usable_column
+from cld_pipeline.lib.warehouse import table_exists
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Gap:
 
 
 def _exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
-                            "table_name = ? AND table_catalog = current_database()", [schema, table]).fetchall()[0][0])
+    # The connection's own database only: another may be attached beside it.
+    return table_exists(con, schema, table, con.execute("SELECT current_database()").fetchall()[0][0])
 
 
 def processor_state(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str, bool | None]]:

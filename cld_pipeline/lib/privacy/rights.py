@@ -29,6 +29,7 @@ import duckdb
 
 from cld_pipeline.lib.privacy.identifiers import is_valid_nhs_number, normalise_nhs_number
 from cld_pipeline.lib.privacy.pseudonymise import PseudoKey, hmac_sql, token
+from cld_pipeline.lib.warehouse import table_exists
 from cld_pipeline.spec import load_spec
 
 ACTIONS = ("copy", "restrict", "unrestrict", "object", "erase")
@@ -351,7 +352,7 @@ def resolve(con: duckdb.DuckDBPyConnection, person: Person, rounds: int = 3) -> 
     """Every identifier message of the person: follow NHS number <-> LA person id through the
     submitted rows (all submissions, current and superseded) until nothing new is found."""
     messages = person.messages()
-    if not _table_exists(con, "raw", "events"):
+    if not table_exists(con, "raw", "events"):
         return messages
     for _ in range(rounds):
         con.execute("CREATE OR REPLACE TEMP TABLE person_messages AS SELECT unnest(?::VARCHAR[]) AS message",
@@ -375,22 +376,16 @@ def rows_held(con: duckdb.DuckDBPyConnection, person: Person) -> int:
     suppression list matches: NHS number by its digits, LA person id trimmed and case-folded."""
     wanted = sorted({register_form(m) for m in person.messages()})
     total = 0
-    if _table_exists(con, "raw", "events"):
+    if table_exists(con, "raw", "events"):
         total += con.execute(f"""
             SELECT count(*) FROM raw.events e JOIN raw.submissions s USING (submission_id)
             WHERE {register_form_sql(nhs_message_sql('e.nhs_number'))} IN (SELECT unnest($m))
                OR {register_form_sql(la_message_sql('s.la_code', 'e.la_person_unique_identifier'))}
                   IN (SELECT unnest($m))""", {"m": wanted}).fetchall()[0][0]
-    if _table_exists(con, "raw", "hospital_episodes"):
+    if table_exists(con, "raw", "hospital_episodes"):
         total += con.execute(f"SELECT count(*) FROM raw.hospital_episodes WHERE {nhs_message_sql('nhs_number')} "
                              "IN (SELECT unnest($m))", {"m": wanted}).fetchall()[0][0]
     return total
-
-
-def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str, catalog: str | None = None) -> bool:
-    where = "table_schema = ? AND table_name = ?" + (" AND table_catalog = ?" if catalog else "")
-    return bool(con.execute(f"SELECT count(*) FROM information_schema.tables WHERE {where}",
-                            [schema, table, *([catalog] if catalog else [])]).fetchall()[0][0])
 
 
 def register(con: duckdb.DuckDBPyConnection, request_id: str, action: str, messages: Iterable[str],

@@ -23,12 +23,9 @@ import duckdb
 from cld_pipeline.lib.privacy import rights
 from cld_pipeline.lib.privacy.pseudonymise import PseudoKey
 from cld_pipeline.lib.privacy.rights import la_message_sql, nhs_message_sql
+from cld_pipeline.lib.warehouse import table_exists
 
 HELD_SCHEMA = "rights_hold"
-
-
-def _exists(con, schema: str, table: str) -> bool:
-    return rights._table_exists(con, schema, table)
 
 
 @dataclass
@@ -60,14 +57,14 @@ def find_person_rows(con: duckdb.DuckDBPyConnection, messages: set[str]) -> Affe
                 [sorted(messages)])
     con.execute("CREATE OR REPLACE TEMP TABLE person_raw (submission_id VARCHAR, row_number BIGINT)")
     con.execute("CREATE OR REPLACE TEMP TABLE person_hospital (extract_id VARCHAR, row_number BIGINT)")
-    if _exists(con, "raw", "events"):
+    if table_exists(con, "raw", "events"):
         con.execute(f"""INSERT INTO person_raw SELECT e.submission_id, e.row_number
             FROM raw.events e JOIN raw.submissions s USING (submission_id)
             WHERE {nhs_message_sql('e.nhs_number')} IN (SELECT message FROM person_messages)
                OR {la_message_sql('s.la_code', 'e.la_person_unique_identifier')} IN (SELECT message FROM person_messages)""")
         affected.partitions = set(con.execute("""SELECT DISTINCT s.la_code, s.quarter FROM person_raw p
             JOIN raw.submissions s USING (submission_id) WHERE s.status = 'accepted'""").fetchall())
-    if _exists(con, "raw", "hospital_episodes"):
+    if table_exists(con, "raw", "hospital_episodes"):
         con.execute(f"""INSERT INTO person_hospital SELECT extract_id, row_number FROM raw.hospital_episodes
             WHERE {nhs_message_sql('nhs_number')} IN (SELECT message FROM person_messages)""")
         affected.hospital_quarters = {r[0] for r in con.execute("""SELECT DISTINCT x.quarter FROM person_hospital p
@@ -76,7 +73,7 @@ def find_person_rows(con: duckdb.DuckDBPyConnection, messages: set[str]) -> Affe
 
 
 def _delete_keyed(con, table: str, keys: str, key_columns: str) -> int:
-    if not _exists(con, *table.split(".")):
+    if not table_exists(con, *table.split(".")):
         return 0
     return con.execute(f"DELETE FROM {table} WHERE ({key_columns}) IN (SELECT ({key_columns}) FROM {keys})"
                        ).fetchall()[0][0]
@@ -85,7 +82,7 @@ def _delete_keyed(con, table: str, keys: str, key_columns: str) -> int:
 def erase_in_processor_zone(con: duckdb.DuckDBPyConnection, affected: Affected) -> None:
     """Delete the person's rows from every processor table and blank links to them (after
     `find_person_rows`); the submission ledger counts what was removed."""
-    if _exists(con, "raw", "events"):
+    if table_exists(con, "raw", "events"):
         con.execute("""UPDATE raw.submissions s SET suppressed_rows = coalesce(s.suppressed_rows, 0) + p.n
                        FROM (SELECT submission_id, count(*) AS n FROM person_raw GROUP BY ALL) p
                        WHERE s.submission_id = p.submission_id""")
@@ -96,7 +93,7 @@ def erase_in_processor_zone(con: duckdb.DuckDBPyConnection, affected: Affected) 
         affected.count(table, _delete_keyed(con, table, "person_hospital", "extract_id, row_number"))
     for column in rights.adult_link_columns():
         for table, la_code in (("raw.events", "s.la_code"), ("validated.events", "s.la_code")):
-            if not _exists(con, *table.split(".")):
+            if not table_exists(con, *table.split(".")):
                 continue
             n = con.execute(f"""UPDATE {table} e SET {column} = NULL FROM raw.submissions s
                 WHERE e.submission_id = s.submission_id
@@ -107,11 +104,11 @@ def erase_in_processor_zone(con: duckdb.DuckDBPyConnection, affected: Affected) 
 def restrict_in_processor_zone(con: duckdb.DuckDBPyConnection, ring: Sequence[PseudoKey], affected: Affected) -> None:
     """Recompute `processing_restricted` on the person's validated rows from the register (the
     same rule validation applies to every later submission)."""
-    if _exists(con, "validated", "events"):
+    if table_exists(con, "validated", "events"):
         affected.count("validated.events", rights.flag_restricted(
             con, ring, "validated.events", "(submission_id, row_number) IN (SELECT (submission_id, row_number) "
             "FROM person_raw)", {}, "nhs_number", "la_code_of_file", "la_person_unique_identifier"))
-    if _exists(con, "validated", "hospital_episodes"):
+    if table_exists(con, "validated", "hospital_episodes"):
         affected.count("validated.hospital_episodes", rights.flag_restricted(
             con, ring, "validated.hospital_episodes", "(extract_id, row_number) IN (SELECT (extract_id, row_number) "
             "FROM person_hospital)", {}, "nhs_number"))
@@ -228,7 +225,7 @@ def put_back(con: duckdb.DuckDBPyConnection, files: list[tuple[str, Path]], affe
     """Rows released from the hold return to their analysts' table (blanked links of other people's
     rows were held with the whole row, so the row is replaced)."""
     for table, path in files:
-        if not _exists(con, *table.split(".")):
+        if not table_exists(con, *table.split(".")):
             continue
         keys = [c for c in ("submission_id", "row_number") if c in
                 {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}]
@@ -268,14 +265,14 @@ def processor_occurrences(con: duckdb.DuckDBPyConnection, messages: set[str]) ->
     out = {"raw.events": con.execute("SELECT count(*) FROM person_raw").fetchall()[0][0],
            "raw.hospital_episodes": con.execute("SELECT count(*) FROM person_hospital").fetchall()[0][0]}
     for table, la_code in (("raw.events", "s.la_code"), ("validated.events", "s.la_code")):
-        if not _exists(con, *table.split(".")):
+        if not table_exists(con, *table.split(".")):
             continue
         nhs = nhs_message_sql("e.nhs_number")
         ids = [la_message_sql(la_code, f"e.{c}") for c in ["la_person_unique_identifier", *rights.adult_link_columns()]]
         where = " OR ".join(f"{m} IN (SELECT message FROM person_messages)" for m in [nhs, *ids])
         out[table] = con.execute(f"SELECT count(*) FROM {table} e JOIN raw.submissions s USING (submission_id) "
                                  f"WHERE {where}").fetchall()[0][0]
-    if _exists(con, "validated", "hospital_episodes"):
+    if table_exists(con, "validated", "hospital_episodes"):
         out["validated.hospital_episodes"] = con.execute(
             f"SELECT count(*) FROM validated.hospital_episodes WHERE {nhs_message_sql('nhs_number')} IN "
             "(SELECT message FROM person_messages)").fetchall()[0][0]
@@ -296,7 +293,7 @@ def export_processor_rows(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[
     }
     counts = {}
     for table, sql in queries.items():
-        if _exists(con, *table.split(".")):
+        if table_exists(con, *table.split(".")):
             counts[table] = _csv(con, sql, folder / f"{table}.csv")
     return {k: v for k, v in counts.items() if v}
 
