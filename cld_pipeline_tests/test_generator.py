@@ -769,3 +769,83 @@ def test_waiting_times_are_calibrated(calibration):
     for name, value in (("median_request_to_assessment", to_response), ("median_assessment_to_service", to_service)):
         t = PUBLISHED_TARGETS[name]
         assert abs(value - t.target) <= t.tolerance, (name, value)
+
+
+# --- what probabilistic linkage has to find --------------------------------------------------------
+
+def test_unrecorded_nhs_numbers_vary_by_council_and_the_truth_says_who(tiny_collection, tiny_rows):
+    import duckdb
+
+    data_dir, manifest = tiny_collection
+    truth = duckdb.connect().execute(f"""
+        SELECT la_code, la_person_id, nhs_number, nhs_recorded, hospital_noise
+        FROM read_parquet('{data_dir / 'synthetic' / 'truth_people.parquet'}')""").fetchall()
+    by_id = {(la, pid): (nhs, recorded) for la, pid, nhs, recorded, _ in truth}
+    seen: dict[str, list[bool]] = defaultdict(list)
+    for f in manifest["files"]:
+        for r in tiny_rows[f["file_name"]]:
+            key = (f["la_code"], r["LA_Person_Unique_Identifier"].strip())
+            if key not in by_id:
+                continue
+            nhs, recorded = by_id[key]
+            if not recorded:
+                assert r["NHS_Number"].strip() == "", "a number the council did not record is never written"
+            seen[f["la_code"]].append(recorded)
+    shares = {la: 1 - sum(v) / len(v) for la, v in seen.items()}
+    overall = 1 - sum(sum(v) for v in seen.values()) / sum(len(v) for v in seen.values())
+    assert 0.02 < overall < 0.10, overall                       # default 5% of people (rows weight them here)
+    assert max(shares.values()) - min(shares.values()) > 0.01, shares   # varies by council
+    stats = manifest["stats"]
+    assert stats["council_people_unrecorded_and_in_hospital_extracts"] > 0
+    assert stats["share_of_council_people_with_nhs_number_recorded"] < stats["share_of_council_people_with_nhs_number"]
+
+
+def test_hospital_records_differ_from_the_councils_in_the_configured_ways(tiny_collection, tiny_rows):
+    import duckdb
+
+    data_dir, manifest = tiny_collection
+    con = duckdb.connect()
+    noise = dict(con.execute(f"""SELECT nhs_number, hospital_noise FROM read_parquet(
+        '{data_dir / 'synthetic' / 'truth_people.parquet'}') WHERE nhs_number IS NOT NULL""").fetchall())
+    hospital = {}
+    for h in manifest["hospital_files"]:
+        with (data_dir / "landing" / h["file_name"]).open(encoding="utf-8") as fh:
+            for s in csv.DictReader(fh):
+                hospital[s["NHS_Number"]] = (s["Date_of_Birth"], s["Sex"], s["Postcode"])
+    council = {}
+    for rows in tiny_rows.values():
+        for r in rows:
+            if r["NHS_Number"] in hospital and parse_date(r["Date_of_Birth"]):
+                council[r["NHS_Number"]] = (parse_date(r["Date_of_Birth"]).isoformat(), r["Gender"], r["Postcode"])
+    kinds = Counter()
+    for nhs, (dob, gender, postcode) in council.items():
+        h_dob, h_sex, h_postcode = hospital[nhs]
+        kind = noise[nhs]
+        kinds[kind] += 1
+        if kind == "none":
+            assert (h_dob, h_postcode.split()[0]) == (dob, postcode.split()[0])
+        elif kind == "dob_day_month_swap":
+            assert h_dob == f"{dob[:4]}-{dob[8:]}-{dob[5:7]}" and h_dob != dob
+        elif kind == "dob_digit_error":
+            assert sum(a != b for a, b in zip(h_dob, dob)) == 1
+        elif kind == "postcode_moved":
+            assert h_postcode != postcode and h_dob == dob
+        elif kind == "sex_unrecorded":
+            assert h_sex == V["hospital_sex"].codes.value("not_known")
+    total = sum(kinds.values())
+    assert total > 1000
+    assert 0.03 < kinds["postcode_moved"] / total < 0.08, kinds
+    assert kinds["dob_digit_error"] and kinds["dob_day_month_swap"] and kinds["sex_unrecorded"], kinds
+
+
+def test_test_range_numbers_go_first_to_people_with_hospital_activity():
+    from types import SimpleNamespace
+
+    from cld_pipeline.synthetic.linkage import prioritise_nhs_numbers
+
+    numbers = np.array([11, 12, 13, 0, 0, 0], dtype=np.int64)     # the range ran out after three people
+    people = SimpleNamespace(nhs_number=numbers)
+    moved = prioritise_nhs_numbers(people, np.array([0, 3, 4, 4]), np.random.default_rng(1))
+    assert moved == 2
+    assert numbers[0] == 11 and numbers[3] > 0 and numbers[4] > 0 and numbers[5] == 0
+    assert sorted(numbers[numbers > 0]) == [11, 12, 13], "the same numbers, none duplicated"

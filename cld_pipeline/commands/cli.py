@@ -60,7 +60,7 @@ def _tune_allocator_for_bulk_arrays() -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cld_pipeline.synthetic import DefectRates, GeneratorConfig, generate
+    from cld_pipeline.synthetic import DefectRates, GeneratorConfig, LinkageNoise, generate
     from cld_pipeline.synthetic.config import DEFAULT_PERIOD_END
 
     _tune_allocator_for_bulk_arrays()
@@ -72,6 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
         period_end=args.period_end or DEFAULT_PERIOD_END,
         defects=rates,
         resubmission_share=args.resubmission_share,
+        linkage=LinkageNoise(nhs_unrecorded=args.nhs_unrecorded_share),
         hospital=not args.no_hospital,
         la_codes=tuple(args.la) if args.la else None,
         rows_per_quarter=args.rows,
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--la", action="append", metavar="CODE", help="only this council (CLD or ONS code); repeatable")
     gen.add_argument("--defect-rate", type=float, default=1.0, help="multiply every defect rate (default 1.0)")
     gen.add_argument("--no-defects", action="store_true", help="clean files only")
+    gen.add_argument("--nhs-unrecorded-share", type=float, default=0.05,
+                     help="mean share of people with an NHS number that their council did not record (varies by "
+                          "council; default 0.05)")
     gen.add_argument("--resubmission-share", type=float, default=0.05,
                      help="share of LA-quarters that send a corrected resubmission (default 0.05)")
     gen.add_argument("--no-hospital", action="store_true", help="skip the hospital extracts")

@@ -21,14 +21,22 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from cld_pipeline.reference import load_local_authorities
-from cld_pipeline.synthetic.config import SCALES, DefectRates, GeneratorConfig
+from cld_pipeline.synthetic.config import SCALES, DefectRates, GeneratorConfig, LinkageNoise
 from cld_pipeline.synthetic.defects import DefectInjector, manifest_rows, overrides_by_field
 from cld_pipeline.synthetic.hospital import hospital_quarters, simulate_spells, write_hospital_extracts
+from cld_pipeline.synthetic.linkage import (
+    NOISE_KINDS,
+    HospitalView,
+    hospital_view,
+    linkage_rng,
+    nhs_recorded,
+    prioritise_nhs_numbers,
+)
 from cld_pipeline.synthetic.simulate import simulate
 from cld_pipeline.synthetic.submissions import Renderer, arrow_dates, la_person_id_sql, plan_files, quarter_ends
 from cld_pipeline.synthetic.vocab import Vocabularies
 
-__all__ = ["DefectRates", "GeneratorConfig", "SCALES", "generate"]
+__all__ = ["DefectRates", "GeneratorConfig", "LinkageNoise", "SCALES", "generate"]
 
 
 def _councils(config: GeneratorConfig, rng: np.random.Generator):
@@ -75,6 +83,18 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
         f.extra["bom_crlf"] = bool((f.la_idx * 2654435761 + config.seed) % 10 == 0)
     bar.update()
 
+    # Hospital activity and the council's record of NHS numbers come before the defects, which
+    # blank or corrupt only numbers a council did record.
+    link_rng = linkage_rng(config.seed)
+    spells = None
+    numbers_moved = 0
+    if config.hospital:
+        spells = simulate_spells(truth, vocab, link_rng)
+        numbers_moved = prioritise_nhs_numbers(truth.people, spells.person, link_rng)
+        spells = spells.numbered(truth.people.nhs_number)
+    truth.nhs_recorded = nhs_recorded(truth.people, len(councils), config.linkage, link_rng)
+    truth.stats.update(_nhs_stats(truth, spells, numbers_moved, vocab["client_type"].idx("service_user")))
+
     bar.set_postfix_str("injecting defects")
     defects = DefectInjector(truth, vocab, rng).inject(files, config.defects)
     bar.update()
@@ -86,12 +106,12 @@ def generate(config: GeneratorConfig, data_dir: Path, progress: bool = True) -> 
         write_row_truth(files, out_dir)
         bar.update()
         hospital_files: list[dict] = []
-        if config.hospital:
+        if spells is not None:
             bar.set_postfix_str("writing hospital extracts")
-            spells = simulate_spells(truth, vocab, rng)
-            hospital_files = write_hospital_extracts(con, truth, spells, vocab, rng,
-                                                     hospital_quarters(period_ends), landing / "health")
-            write_linkage_truth(con, truth, files, spells, out_dir)
+            view = hospital_view(truth.people, config.linkage, link_rng)
+            hospital_files = write_hospital_extracts(con, truth, spells, vocab, link_rng,
+                                                     hospital_quarters(period_ends), landing / "health", view)
+            write_linkage_truth(con, truth, files, spells, out_dir, view)
             bar.update()
     finally:
         con.close()
@@ -144,10 +164,36 @@ def write_row_truth(files, out_dir: Path) -> None:
     }), out_dir / "truth_rows.parquet")
 
 
-def write_linkage_truth(con: duckdb.DuckDBPyConnection, truth, files, spells, out_dir: Path) -> None:
+def _nhs_stats(truth, spells, numbers_moved: int, service_user: int) -> dict:
+    """What share of people carry an NHS number anywhere, and in their council's records."""
+    people = truth.people
+    has = people.nhs_number > 0
+    in_hospital = np.zeros(len(people), dtype=bool)
+    if spells is not None:
+        in_hospital[spells.person] = True
+    in_care = np.zeros(len(people), dtype=bool)
+    in_care[truth.events.person] = True     # people known to a council (the rest are hospital-only)
+    users = in_care & (people.client_type == service_user)
+    recorded = truth.nhs_recorded
+    share = lambda mask: round(float(mask.sum() / max(in_care.sum(), 1)), 4)   # noqa: E731 - of people known to councils
+    return {
+        "people_with_nhs_number": int(has.sum()),
+        "share_of_council_people_with_nhs_number": share(has & in_care),
+        "share_of_service_users_with_nhs_number": round(float(has[users].mean()), 4) if users.any() else None,
+        "share_of_council_people_with_nhs_number_recorded": share(recorded & in_care),
+        "council_people_with_nhs_number_unrecorded": int((has & ~recorded & in_care).sum()),
+        "people_in_hospital_extracts": int(in_hospital.sum()),
+        "council_people_unrecorded_and_in_hospital_extracts": int((has & ~recorded & in_care & in_hospital).sum()),
+        "nhs_numbers_moved_to_people_with_hospital_activity": numbers_moved,
+    }
+
+
+def write_linkage_truth(con: duckdb.DuckDBPyConnection, truth, files, spells, out_dir: Path,
+                        view: HospitalView) -> None:
     """Who is who, for linkage tests: `truth_people.parquet` (person, LA code, LA person id as the
-    council writes it, NHS number) and `truth_spells.parquet` (spell id, person, dates). Synthetic
-    identifiers only; real data has no such file."""
+    council writes it, NHS number, whether the council recorded it, how the hospital's record of the
+    person differs) and `truth_spells.parquet` (spell id, person, dates). Synthetic identifiers
+    only; real data has no such file."""
     p = truth.people
     style = {f.la_idx: f.person_id_style for f in files}
     councils = truth.councils
@@ -158,9 +204,13 @@ def write_linkage_truth(con: duckdb.DuckDBPyConnection, truth, files, spells, ou
         "pid_style": pa.array([style.get(i, 0) for i in range(len(councils))]).take(pa.array(p.la_idx.astype(np.int32))),
         "la_person_no": pa.array(p.la_person_no),
         "nhs_number": pa.array(p.nhs_number),
+        "nhs_recorded": pa.array(truth.nhs_recorded),
+        "hospital_noise": pa.DictionaryArray.from_arrays(pa.array(view.noise.astype(np.int32)),
+                                                         pa.array(NOISE_KINDS)),
     }))
     con.execute(f"""COPY (SELECT person, la_code, {la_person_id_sql('la_person_no', 'pid_style', 'la_name')}
-                           AS la_person_id, CASE WHEN nhs_number > 0 THEN CAST(nhs_number AS VARCHAR) END AS nhs_number
+                           AS la_person_id, CASE WHEN nhs_number > 0 THEN CAST(nhs_number AS VARCHAR) END AS nhs_number,
+                           nhs_recorded, CAST(hospital_noise AS VARCHAR) AS hospital_noise
                     FROM truth_people_in) TO '{out_dir / "truth_people.parquet"}' (FORMAT parquet)""")
     con.unregister("truth_people_in")
     con.register("truth_spells_in", pa.table({

@@ -66,6 +66,26 @@ class DefectRates:
 
 
 @dataclass(frozen=True)
+class LinkageNoise:
+    """How the hospital's record of a person differs from the council's, for probabilistic linkage.
+
+    `nhs_unrecorded` is the mean share of people who have an NHS number (the hospital extract
+    carries it) that their council did not record; each council's share varies around it with
+    coefficient of variation `council_spread`. The other rates are shares of people whose hospital
+    record differs in one way (at most one each): date of birth with day and month swapped (only
+    possible when the day is 12 or less and differs from the month), one digit of the date of
+    birth mistyped, a postcode that changed on a move, sex not recorded.
+    """
+
+    nhs_unrecorded: float = 0.05
+    council_spread: float = 0.5
+    dob_day_month_swap: float = 0.01
+    dob_digit_error: float = 0.01
+    postcode_moved: float = 0.05
+    sex_unrecorded: float = 0.02
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     scale: Scale = "small"
     seed: int = 20251
@@ -74,6 +94,7 @@ class GeneratorConfig:
     defects: DefectRates = field(default_factory=DefectRates)
     resubmission_share: float = 0.05           # share of LA-quarters that send a corrected file
     hospital: bool = True
+    linkage: LinkageNoise = field(default_factory=LinkageNoise)
     la_codes: tuple[str, ...] | None = None    # restrict to these councils (overrides the scale's count)
     rows_per_quarter: int | None = None        # override the scale's volume
 

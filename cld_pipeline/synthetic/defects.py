@@ -182,7 +182,7 @@ class DefectInjector:
             ev_type = e.ints["event_type"][f.rows]
             end = e.end[f.rows]
             end_written = (end != NA_DAY) & (end <= (f.period_end - dt.date(1970, 1, 1)).days)
-            has_nhs = self.truth.people.nhs_number[e.person[f.rows]] > 0
+            has_nhs = self.truth.recorded_nhs_number()[e.person[f.rows]] > 0
             eligible = {
                 "missing_nhs_number": has_nhs,
                 "invalid_nhs_number": has_nhs,

@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from cld_pipeline.synthetic.linkage import HospitalView
 from cld_pipeline.synthetic.simulate import NA_DAY, Truth, add_months
 from cld_pipeline.synthetic.submissions import arrow_coded, arrow_dates, area_letters, postcode_sql, quarter_label
 from cld_pipeline.synthetic.vocab import Vocabularies
@@ -33,6 +34,12 @@ class Spells:
 
     def __len__(self) -> int:
         return self.person.size
+
+    def numbered(self, nhs_number: np.ndarray) -> "Spells":
+        """Only the spells of people with an NHS number: nobody else can be in an extract."""
+        keep = nhs_number[self.person] > 0
+        return Spells(person=self.person[keep], admission=self.admission[keep], discharge=self.discharge[keep],
+                      ready=self.ready[keep], ints={k: v[keep] for k, v in self.ints.items()})
 
 
 def simulate_spells(truth: Truth, vocab: Vocabularies, rng: np.random.Generator) -> Spells:
@@ -71,10 +78,10 @@ def simulate_spells(truth: Truth, vocab: Vocabularies, rng: np.random.Generator)
     los = 1 + np.minimum(rng.gamma(1.3, 5, person.size), 150).astype(np.int32)
     discharge = np.where(fixed_discharge != NA_DAY, fixed_discharge, admission + los).astype(np.int32)
 
-    # Only people with an NHS number appear in a hospital extract we can link.
-    keep = p.nhs_number[person] > 0
+    # Every person may be admitted here; people without an NHS number are left out only once the
+    # numbers have gone to people with hospital activity first (synthetic/linkage.py, `numbered`).
     dod = p.dod[person]
-    keep &= (dod == NA_DAY) | (admission <= dod)
+    keep = (dod == NA_DAY) | (admission <= dod)
     person, admission, discharge, emergency = person[keep], admission[keep], discharge[keep], emergency[keep]
     dod, from_request = dod[keep], from_request[keep]
     died = (dod != NA_DAY) & (discharge >= dod)
@@ -106,22 +113,24 @@ def simulate_spells(truth: Truth, vocab: Vocabularies, rng: np.random.Generator)
 
 
 def write_hospital_extracts(con: duckdb.DuckDBPyConnection, truth: Truth, spells: Spells, vocab: Vocabularies,
-                            rng: np.random.Generator, quarters: list[dt.date], folder: Path) -> list[dict]:
-    """One file per quarter of discharge; spells still open at the quarter end appear undischarged."""
+                            rng: np.random.Generator, quarters: list[dt.date], folder: Path,
+                            view: HospitalView) -> list[dict]:
+    """One file per quarter of discharge; spells still open at the quarter end appear undischarged.
+    People are written as the hospital records them (`view`: linkage noise included)."""
     folder.mkdir(parents=True, exist_ok=True)
     p = truth.people
-    sex_of_gender = _sex_positions(vocab)
+    sex_of_gender = np.append(_sex_positions(vocab), vocab["hospital_sex"].idx("not_known"))  # [-1]: not recorded
     multi_episode = rng.random(len(spells)) < 0.1
     table = pa.table({
         "spell": pa.array(np.arange(len(spells), dtype=np.int32)),
         "nhs_number": pa.array(p.nhs_number[spells.person]),
-        "dob": arrow_dates(p.dob[spells.person]),
-        "sex": arrow_coded(sex_of_gender[p.coded["Gender"][spells.person]], vocab["hospital_sex"].values),
+        "dob": arrow_dates(view.dob[spells.person]),
+        "sex": arrow_coded(sex_of_gender[view.gender[spells.person]], vocab["hospital_sex"].values),
         "pc_area": pa.array([area_letters(i) for i in range(len(truth.councils))])
         .take(pa.array(p.la_idx[spells.person].astype(np.int32))),
-        "pc_district": pa.array(p.postcode_district[spells.person].astype(np.int32)),
-        "pc_sector": pa.array(p.postcode_sector[spells.person].astype(np.int32)),
-        "pc_unit": pa.array(p.postcode_unit[spells.person].astype(np.int32)),
+        "pc_district": pa.array(view.postcode_district[spells.person].astype(np.int32)),
+        "pc_sector": pa.array(view.postcode_sector[spells.person].astype(np.int32)),
+        "pc_unit": pa.array(view.postcode_unit[spells.person].astype(np.int32)),
         "admission": arrow_dates(spells.admission),
         "discharge": arrow_dates(spells.discharge),
         "ready": arrow_dates(spells.ready),

@@ -170,6 +170,12 @@ class Truth:
     sim_start: int
     sim_end: int
     stats: dict = field(default_factory=dict)
+    nhs_recorded: np.ndarray | None = None   # per person: the council records the NHS number (None: all who have one)
+
+    def recorded_nhs_number(self) -> np.ndarray:
+        """The NHS number as councils write it: 0 where the person has none or it is not recorded."""
+        numbers = self.people.nhs_number
+        return numbers if self.nhs_recorded is None else np.where(self.nhs_recorded, numbers, 0)
 
 
 class Simulator:
@@ -285,8 +291,6 @@ class Simulator:
         ev = _EventBlocks()
         et = v["event_type"]
         out = v["event_outcome"]
-        st = v["service_type"]
-        sc = v["service_component"]
         self._sim_start = sim_start
         self._forced_person: list[np.ndarray] = []
         self._forced_day: list[np.ndarray] = []

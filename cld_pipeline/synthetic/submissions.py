@@ -281,7 +281,7 @@ class Renderer:
         p, e = truth.people, truth.events
         self.people = pa.table({
             "pid": pa.array(np.arange(len(p), dtype=np.int32)),
-            "nhs_number": pa.array(p.nhs_number),
+            "nhs_number": pa.array(truth.recorded_nhs_number()),
             "la_person_no": pa.array(p.la_person_no),
             "dob": arrow_dates(p.dob), "dod": arrow_dates(p.dod),
             "client_type": arrow_coded(p.client_type, vocab["client_type"].values),
