@@ -151,9 +151,12 @@ EVENT_LISTS = {
 
 
 def area_letters(la_idx: int) -> str:
-    """Synthetic postcode area letters per council (valid format; not a real area lookup)."""
+    """Synthetic postcode area letters per council (valid format; not a real area lookup), a
+    different pair for each of up to 441 councils: postcodes shared across councils would make
+    people crowd into far fewer postcodes than real ones hold, which misleads linkage."""
     letters = "ABCDEFGHJKLMNOPRSTUWY"
-    return letters[la_idx % len(letters)] + letters[(la_idx * 7 + 3) % len(letters)]
+    n = len(letters)
+    return letters[(la_idx // n + 2 * la_idx + 1) % n] + letters[(la_idx * 8 + 3) % n]
 
 
 def postcode_sql(area: str, person: str) -> str:
