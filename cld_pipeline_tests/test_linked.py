@@ -34,7 +34,7 @@ def _truth_pairs(data_dir: Path, quarter: str):
     ident = duckdb.connect(str(data_dir / "identifiable.duckdb"), read_only=True)
     ident.execute(f"ATTACH '{data_dir / 'analytics.duckdb'}' AS a (READ_ONLY)")
     ident.execute(f"""CREATE TEMP TABLE row_person AS
-        SELECT p.person_id AS token, p.person_id_source, p.la_code, t.person
+        SELECT p.person_id AS token, p.person_id_source, p.link_method, p.la_code, t.person
         FROM validated.events v JOIN raw.submissions s USING (submission_id)
         JOIN a.pseudonymised.events p ON p.submission_id = v.submission_id AND p.row_number = v.row_number
         JOIN read_parquet('{synthetic / 'truth_people.parquet'}') t
@@ -49,15 +49,16 @@ def _truth_pairs(data_dir: Path, quarter: str):
     ambiguous = ident.execute("SELECT count(*) FROM (SELECT token FROM row_person GROUP BY token "
                               "HAVING count(DISTINCT person) > 1)").fetchall()[0][0]
     assert ambiguous == 0, "a token never stands for two people"
+    # Deterministic links only (the probabilistic ones have their own tests against the truth).
     linked = set(ident.execute("SELECT DISTINCT l.person_id, l.spell_id, r.person, s.person FROM "
                                "a.linked.person_spells l JOIN (SELECT DISTINCT token, person FROM row_person) r "
                                "ON r.token = l.person_id JOIN held_spells s USING (spell_id) "
-                               f"WHERE l.quarter = '{quarter}'").fetchall())
+                               f"WHERE l.quarter = '{quarter}' AND l.link_method = 'nhs_number'").fetchall())
     true_pairs = set(ident.execute("SELECT DISTINCT r.token, s.spell_id FROM row_person r JOIN held_spells s "
-                                   "USING (person) WHERE r.person_id_source = 'nhs'").fetchall())
+                                   "USING (person) WHERE r.link_method = 'nhs_number'").fetchall())
     per_la = {la: (people, linked_people) for la, people, linked_people in ident.execute("""
         SELECT la_code, count(DISTINCT token),
-               count(DISTINCT token) FILTER (WHERE person_id_source = 'nhs'
+               count(DISTINCT token) FILTER (WHERE link_method <> 'none'
                                              AND person IN (SELECT person FROM held_spells))
         FROM row_person GROUP BY la_code""").fetchall()}
     rates = {la: (people, linked_people, rate) for la, people, linked_people, rate in ident.execute(
@@ -179,7 +180,8 @@ def _care_and_episodes(con, care: list[dict], spells: list[dict]) -> None:
             "person_id": "VARCHAR", "person_id_source": "VARCHAR", "event_type_cleaned": "VARCHAR",
             "event_start_date": "DATE", "event_end_date": "DATE", "service_type_cleaned": "VARCHAR",
             "service_component_cleaned": "VARCHAR", "client_type_cleaned": "VARCHAR", "date_of_death": "DATE",
-            "age_band": "VARCHAR", "ethnicity_cleaned": "VARCHAR"}
+            "age_band": "VARCHAR", "ethnicity_cleaned": "VARCHAR", "gender_cleaned": "VARCHAR",
+            "link_method": "VARCHAR", "match_probability": "DOUBLE"}   # link_method NULL: from person_id_source
     con.execute(f"CREATE TABLE care_in ({', '.join(f'{c} {t}' for c, t in cols.items())})")
     for i, row in enumerate(care, start=1):
         full = {"submission_id": "s1", "row_number": i, "la_code": "999", "quarter": QUARTER,

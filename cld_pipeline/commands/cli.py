@@ -6,6 +6,7 @@
     cld-pipeline rights copy|restrict|unrestrict|object|erase (--nhs-number N | --la L --person-id P) --reason R
     cld-pipeline rights apply --request ID | list
     cld-pipeline exclude add --submission ID --reason R | remove --submission ID | list [--received]
+    cld-pipeline linkage show|review-export|review-record|evaluate --quarter Q ...
     cld-pipeline audit [--action A] [--limit N] [--verify]
     cld-pipeline retention [--dry-run] [--today DATE]
     cld-pipeline spec-docs [--check]
@@ -240,6 +241,58 @@ def _exclude(args: argparse.Namespace) -> int:
     return 0
 
 
+def _linkage(args: argparse.Namespace) -> int:
+    """The processor zone's probabilistic linkage: the model, clerical review, and (synthetic data
+    only) precision and recall against the generator's truth."""
+    from cld_pipeline.commands import rights as subject_rights
+    from cld_pipeline.lib.linkage import review
+    from cld_pipeline.lib.linkage.evaluation import evaluate
+    from cld_pipeline.lib.linkage.person_links import ensure_tables
+    from cld_pipeline.lib.privacy import audit
+    from cld_pipeline.lib.privacy.audit import current_actor
+
+    identifiable, _ = subject_rights._zones()
+    with identifiable.get_connection() as con:
+        ensure_tables(con)
+        if args.action == "show":
+            rows = con.execute("SELECT quarter, model_id, trained_at, threshold, metrics_json FROM linkage.models "
+                               "WHERE ? IS NULL OR quarter = ? ORDER BY quarter", [args.quarter, args.quarter]).fetchall()
+            print(json.dumps([{"quarter": q, "model_id": m, "trained_at": str(t), "threshold": th,
+                               "metrics": json.loads(js)} for q, m, t, th, js in rows], indent=2))
+            return 0
+        if not args.quarter and args.action != "review-record":
+            print(f"cld-pipeline linkage {args.action}: --quarter is required", file=sys.stderr)
+            return 2
+        if args.action == "evaluate":
+            truth = Path(args.truth) if args.truth else settings.data_dir() / "synthetic" / "truth_people.parquet"
+            if not truth.exists():
+                print(f"cld-pipeline linkage evaluate: no generator truth at {truth} (synthetic data only)",
+                      file=sys.stderr)
+                return 2
+            print(json.dumps(evaluate(con, truth, args.quarter), indent=2))
+            return 0
+        if args.action == "review-export":
+            path = Path(args.file) if args.file else (settings.data_dir() / "linkage" / "review"
+                                                      / f"review_{args.quarter}.csv")
+            count = review.export_queue(con, args.quarter, path)
+            audit.append(con, "linkage:review-export", args.quarter, {"pairs": count}, actor=args.by or current_actor())
+            print(f"{count} pairs to review written to {path} (owner-only; processor zone). Fill the decision column "
+                  f"with match, non_match or unsure, then: cld-pipeline linkage review-record --file {path}")
+            return 0
+        if not args.file:
+            print("cld-pipeline linkage review-record: --file is required", file=sys.stderr)
+            return 2
+        try:
+            counts = review.record_decisions(con, Path(args.file), args.by or current_actor())
+        except (review.ReviewError, OSError) as err:
+            print(f"cld-pipeline linkage review-record: {err}", file=sys.stderr)
+            return 2
+        audit.append(con, "linkage:review-record", Path(args.file).name, counts, actor=args.by or current_actor())
+    print(f"recorded {counts['match']} match and {counts['non_match']} non-match decisions "
+          f"({counts['undecided']} rows left undecided); the next linkage run uses them: launch linked_quarter_job.")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from cld_pipeline.defs.operations.audit import sync_dagster
     from cld_pipeline.commands import rights as subject_rights
@@ -381,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--by", help="who decided (default: CLD_ACTOR or the user name)")
     ex.add_argument("--received", action="store_true", help="with `list`: the submissions that could be listed")
     ex.set_defaults(func=_exclude)
+
+    lk = sub.add_parser("linkage", help="probabilistic linkage: the model, clerical review, evaluation",
+                        description="show: each quarter's model, threshold and held-out precision and recall. "
+                                    "review-export: the quarter's pairs for clerical review as an owner-only CSV. "
+                                    "review-record: record a reviewed file (labels for the next model). evaluate: "
+                                    "precision and recall against the synthetic generator's truth.")
+    lk.add_argument("action", choices=["show", "review-export", "review-record", "evaluate"])
+    lk.add_argument("--quarter", help="the CLD quarter, e.g. 2026-Q3")
+    lk.add_argument("--file", help="review-export: where to write (default data/linkage/review/); review-record: "
+                                   "the reviewed file")
+    lk.add_argument("--truth", help="evaluate: the generator's truth_people.parquet (default data/synthetic/)")
+    lk.add_argument("--by", help="who reviewed (default: CLD_ACTOR or the user name)")
+    lk.set_defaults(func=_linkage)
 
     au = sub.add_parser("audit", help="print the audit log (runs, materialisations, rights actions, exports)",
                         description="Syncs finished Dagster runs into the processor zone's append-only audit log "

@@ -13,6 +13,7 @@ import dagster as dg
 
 from cld_pipeline.defs.errors import values_withheld
 from cld_pipeline.defs.health.assets import PSEUDONYMISED_EPISODES
+from cld_pipeline.defs.linked.probabilistic import LINKS as PERSON_LINKS
 from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
@@ -26,9 +27,11 @@ MIN_PEOPLE_FOR_RATE = 20
 
 TABLES = {
     "person_spells": "Each social care person token (per LA) with every hospital spell of theirs that overlaps "
-                     "the reporting period.",
+                     "the reporting period, and how the person was linked (link_method, match_probability).",
     "match_rates": "People, people linked to at least one hospital spell, the match rate (people_linked / "
-                   "people) and people without a valid NHS number, per LA.",
+                   "people), people without a valid NHS number and those of them linked probabilistically, per LA.",
+    "linkage_bias": "Among people without a valid NHS number, per LA and England, in total and by age band, sex "
+                    "and ethnicity group: how many the probabilistic linkage links and the share left unmatched.",
     "match_rates_by_group": "Match rates per LA by age band and by ethnicity group (breakdown, breakdown_value).",
     "discharge_to_care": "Each hospital discharge in the period of a person known to social care: the next "
                          "social care event and service, days from discharge and from the discharge-ready date, "
@@ -62,6 +65,7 @@ EPISODE_COLUMNS = {"extract_quarter": "VARCHAR", "row_number": "BIGINT", "person
                    "treatment_function_code": "VARCHAR", "age_at_admission": "INTEGER", "age_at_discharge": "INTEGER"}
 
 CARE_COLUMNS = ("submission_id", "row_number", "la_code", "quarter", "person_id", "person_id_source",
+                "link_method", "match_probability", "gender_cleaned",
                 "event_type_cleaned", "event_start_date", "event_end_date", "service_type_cleaned",
                 "service_component_cleaned", "client_type_cleaned", "date_of_death", "age_band",
                 "ethnicity_cleaned")
@@ -72,7 +76,11 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
     """Compute every linked table of `quarter` into temp tables `<name>` on `con`; returns row counts."""
     start, end = quarter_period(quarter)
     params = {"period_start": start, "period_end": end, "quarter": quarter}
-    con.execute(f"CREATE OR REPLACE TEMP TABLE care AS SELECT {', '.join(CARE_COLUMNS)} FROM {care_source} "
+    # Rows pseudonymised before the linkage existed carry no link_method: their own token's source says it.
+    columns = ", ".join(c if c != "link_method" else
+                        "coalesce(link_method, CASE person_id_source WHEN 'nhs' THEN 'nhs_number' ELSE 'none' END) "
+                        "AS link_method" for c in CARE_COLUMNS)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE care AS SELECT {columns} FROM {care_source} "
                 "WHERE quarter = $quarter", {"quarter": quarter})
     con.execute(f"CREATE OR REPLACE TEMP TABLE spells AS {linkage.spells_sql(episodes_source)}")
     steps = {
@@ -80,9 +88,12 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
         "match_rates": linkage.match_rates_sql(),
         "match_rates_by_group": (
             f"SELECT quarter, la_code, 'age_band' AS breakdown, age_band AS breakdown_value, people, people_linked, "
-            f"match_rate, people_without_nhs_number FROM ({linkage.match_rates_sql(by='age_band')}) UNION ALL "
+            f"match_rate, people_without_nhs_number, people_linked_probabilistic "
+            f"FROM ({linkage.match_rates_sql(by='age_band')}) UNION ALL "
             f"SELECT quarter, la_code, 'ethnicity_group', ethnicity_group, people, people_linked, match_rate, "
-            f"people_without_nhs_number FROM ({linkage.match_rates_sql(by='ethnicity_group')})"),
+            f"people_without_nhs_number, people_linked_probabilistic "
+            f"FROM ({linkage.match_rates_sql(by='ethnicity_group')})"),
+        "linkage_bias": linkage.linkage_bias_sql(),
         "discharge_to_care": linkage.discharge_to_care_sql(),
         "reablement_outcomes": linkage.reablement_outcomes_sql(),
         "ascof_2d": linkage.ascof_2d_sql(),
@@ -100,7 +111,7 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
     # The quarter of pseudonymised/events (quarter x LA) is inferred as the shared dimension.
     specs=[dg.AssetSpec(key, group_name="linked", kinds={"duckdb"}, owners=OWNERS, description=text,
                         automation_condition=AUTOMATION, freshness_policy=QUARTERLY,
-                        deps=[PSEUDONYMISED_EVENTS,
+                        deps=[PSEUDONYMISED_EVENTS, PERSON_LINKS,
                               dg.AssetDep(PSEUDONYMISED_EPISODES, partition_mapping=dg.AllPartitionMapping())])
            for key, text in ((KEYS[n], TABLES[n]) for n in TABLES)],
     partitions_def=quarter_partitions,
@@ -131,6 +142,8 @@ def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: Locked
             raise dg.Failure(description="pseudonymised.events is not loaded yet: no social care submission has "
                                          "been processed.", allow_retries=False)
         hospital_held = "pseudonymised.hospital_episodes" in have
+        for column, kind in (("link_method", "VARCHAR"), ("match_probability", "DOUBLE")):
+            con.execute(f"ALTER TABLE pseudonymised.events ADD COLUMN IF NOT EXISTS {column} {kind}")
         if not hospital_held:   # link against no spells: every table is built, the check below says why it is empty
             con.execute(f"CREATE OR REPLACE TEMP TABLE no_episodes ({', '.join(f'{c} {t}' for c, t in EPISODE_COLUMNS.items())})")
         counts = build_linked_tables(con, quarter, episodes_source="pseudonymised.hospital_episodes" if hospital_held
@@ -143,8 +156,8 @@ def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: Locked
                 con.execute(f"DELETE FROM linked.{name} WHERE quarter = ?", [quarter])
                 con.execute(f"INSERT INTO linked.{name} BY NAME SELECT * FROM {name}")
         schemas = {name: table_schema(con, "linked", name) for name in TABLES}
-        england = con.execute("SELECT sum(people), sum(people_linked), sum(people_without_nhs_number) "
-                              "FROM match_rates").fetchall()[0]
+        england = con.execute("SELECT sum(people), sum(people_linked), sum(people_without_nhs_number), "
+                              "sum(people_linked_probabilistic) FROM match_rates").fetchall()[0]
         rate = (england[1] or 0) / england[0] if england[0] else None
         low = con.execute(f"SELECT la_code, people, round(match_rate, 4) FROM match_rates WHERE people >= "
                           f"{MIN_PEOPLE_FOR_RATE} AND match_rate < ? ORDER BY la_code",
@@ -156,7 +169,8 @@ def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: Locked
         if name == "match_rates":
             extra = {"people": int(england[0] or 0), "people_linked": int(england[1] or 0),
                      "england_match_rate": round(rate, 4) if rate is not None else None,
-                     "people_without_nhs_number": int(england[2] or 0)}
+                     "people_without_nhs_number": int(england[2] or 0),
+                     "people_linked_probabilistic": int(england[3] or 0)}
         yield dg.MaterializeResult(asset_key=KEYS[name], metadata={
             "dagster/row_count": counts[name], "dagster/column_schema": schemas[name],
             "dagster/table_name": f"analytics.linked.{name}", "seconds": seconds, **extra})
@@ -174,7 +188,7 @@ def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: Locked
 
 linked_quarter_job = dg.define_asset_job(
     "linked_quarter_job",
-    selection=dg.AssetSelection.groups("linked"),
-    description="Rebuild one quarter's linked tables (headless runs and operators; the automation sensor "
-                "does the same when inputs change).",
+    selection=dg.AssetSelection.groups("probabilistic_linkage", "linked"),
+    description="Rebuild one quarter's probabilistic links and linked tables (headless runs and operators; the "
+                "automation sensor does the same when inputs change).",
 )

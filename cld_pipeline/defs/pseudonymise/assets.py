@@ -25,7 +25,9 @@ from cld_pipeline.defs.resources import LockedDuckDBResource, PseudonymisationKe
 from cld_pipeline.defs.validate.assets import EVENTS as VALIDATED_EVENTS
 from cld_pipeline.defs.validate.assets import current_submissions
 from cld_pipeline.lib.privacy import rights
-from cld_pipeline.lib.privacy.pseudonymise import KeyError_, hmac_sql, person_token_sql
+from cld_pipeline.lib.linkage.person_links import ensure_tables as ensure_link_tables
+from cld_pipeline.lib.linkage.person_links import linked_person_select, links_join_sql
+from cld_pipeline.lib.privacy.pseudonymise import KeyError_, hmac_sql
 from cld_pipeline.lib.validation.store import unusable_submissions
 from cld_pipeline.defs.metadata import table_schema
 from cld_pipeline.lib.warehouse import replace_slice, transaction
@@ -54,7 +56,7 @@ def pseudonymise_sql(source: str) -> str:
         return f"CAST(floor(date_diff('day', {birth}, {day}) / 365.25) AS INTEGER)"
 
     select = ["submission_id", "v.row_number", "s.la_code", "s.quarter",
-              person_token_sql("v.nhs_number", "s.la_code", "v.la_person_unique_identifier") + " AS person_id",
+              linked_person_select("v", "s.la_code", "v.link_nhs_number", "v.link_method", "v.link_match_probability"),
               "CASE WHEN v.nhs_number IS NOT NULL THEN 'nhs' WHEN v.la_person_unique_identifier IS NOT NULL "
               "THEN 'la' END AS person_id_source",
               "$key_version AS key_version"]
@@ -159,8 +161,13 @@ def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_d
                 raise dg.Failure(description=str(err), allow_retries=False) from None
             rights.ensure_restriction_column(con, "validated.events")
             ids = "(SELECT submission_id FROM batch_submissions)"
-            con.execute(f"COPY (SELECT v.*{links} FROM validated.events v WHERE submission_id IN {ids} "
-                        f"AND NOT processing_restricted) "
+            # With each row, its person's link to a hospital patient when the linkage step found one
+            # (linked/probabilistic.py, which also re-keys rows pseudonymised before it ran).
+            ensure_link_tables(con)
+            con.execute(f"COPY (SELECT v.*{links}, l.nhs_number AS link_nhs_number, l.link_method, "
+                        f"l.match_probability AS link_match_probability "
+                        f"FROM validated.events v JOIN batch_submissions b USING (submission_id) "
+                        f"{links_join_sql('v', 'b.la_code', 'b.quarter')} WHERE NOT v.processing_restricted) "
                         f"TO '{scratch / 'validated.parquet'}' (FORMAT parquet)", params)
             restricted = con.execute(f"SELECT count(*) FROM validated.events WHERE submission_id IN {ids} AND "
                                      "processing_restricted").fetchall()[0][0]

@@ -76,6 +76,11 @@ def people_sql(care: str = "care") -> str:
     return f"""
         SELECT quarter, la_code, person_id,
                arg_max(person_id_source, event_start_date) AS person_id_source,
+               -- a person is linked by NHS number when any row of theirs is, else by the probabilistic link
+               CASE WHEN bool_or(link_method = 'nhs_number') THEN 'nhs_number'
+                    WHEN bool_or(link_method = 'probabilistic') THEN 'probabilistic' ELSE 'none' END AS link_method,
+               CASE WHEN NOT bool_or(link_method = 'nhs_number') THEN max(match_probability) END AS match_probability,
+               coalesce(arg_max(gender_cleaned, event_start_date), 'Unknown') AS sex,
                arg_max(age_band, event_start_date) AS age_band,
                coalesce(CASE arg_max(ethnicity_cleaned, event_start_date) {groups} END, 'Unknown') AS ethnicity_group
         FROM {care} WHERE person_id IS NOT NULL GROUP BY ALL"""
@@ -85,7 +90,7 @@ def person_spells_sql(care: str = "care", spells: str = "spells") -> str:
     """Each social care person (per LA) with every hospital spell of theirs that overlaps the
     reporting period."""
     return f"""
-        SELECT p.quarter, p.la_code, p.person_id, s.spell_id, s.admission_date, s.discharge_date,
+        SELECT p.quarter, p.la_code, p.person_id, p.link_method, p.match_probability, s.spell_id, s.admission_date, s.discharge_date,
                s.discharge_ready_date, s.admission_method, s.management_type, s.emergency_admission,
                s.discharge_destination, s.age_at_admission
         FROM ({people_sql(care)}) p
@@ -96,16 +101,37 @@ def person_spells_sql(care: str = "care", spells: str = "spells") -> str:
 def match_rates_sql(care: str = "care", person_spells: str = "person_spells", by: str | None = None) -> str:
     """People, people linked to at least one spell, and the rate, per LA (and `by` a column of the
     people table, e.g. age_band or ethnicity_group). People whose token comes from an LA person id
-    (no valid NHS number) cannot link: counted separately."""
+    (no valid NHS number) link only through the probabilistic linkage: counted separately."""
     group = f", {by}" if by else ""
     return f"""
         SELECT p.quarter, p.la_code{group}, count(*) AS people,
                count(*) FILTER (WHERE l.person_id IS NOT NULL) AS people_linked,
                count(*) FILTER (WHERE l.person_id IS NOT NULL) / count(*) AS match_rate,
-               count(*) FILTER (WHERE p.person_id_source = 'la') AS people_without_nhs_number
+               count(*) FILTER (WHERE p.link_method <> 'nhs_number') AS people_without_nhs_number,
+               count(*) FILTER (WHERE l.person_id IS NOT NULL AND p.link_method = 'probabilistic')
+                   AS people_linked_probabilistic
         FROM ({people_sql(care)}) p
         LEFT JOIN (SELECT DISTINCT la_code, person_id FROM {person_spells}) l USING (la_code, person_id)
         GROUP BY ALL ORDER BY ALL"""
+
+
+def linkage_bias_sql(care: str = "care") -> str:
+    """Who the probabilistic linkage finds, among people without a valid NHS number: per LA and for
+    England, in total and by age band, sex and ethnicity group, how many link to a hospital patient
+    and the share left unmatched (a linkage that misses some groups more than others biases every
+    linked figure about them)."""
+    people = f"(SELECT * FROM ({people_sql(care)}) WHERE link_method <> 'nhs_number')"
+    parts = []
+    for breakdown, column in (("total", "'total'"), ("age_band", "age_band"), ("sex", "sex"),
+                              ("ethnicity_group", "ethnicity_group")):
+        parts.append(f"""
+            SELECT quarter, coalesce(la_code, 'England') AS geography, '{breakdown}' AS breakdown,
+                   {column} AS breakdown_value, count(*) AS people_without_nhs_number,
+                   count(*) FILTER (WHERE link_method = 'probabilistic') AS people_linked_probabilistic,
+                   count(*) FILTER (WHERE link_method = 'probabilistic') / count(*) AS match_rate,
+                   count(*) FILTER (WHERE link_method <> 'probabilistic') / count(*) AS unmatched_share
+            FROM {people} GROUP BY GROUPING SETS ((quarter, la_code, {column}), (quarter, {column}))""")
+    return " UNION ALL ".join(parts)
 
 
 def _services(care: str) -> str:

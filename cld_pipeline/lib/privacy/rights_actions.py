@@ -72,6 +72,15 @@ def find_person_rows(con: duckdb.DuckDBPyConnection, messages: set[str]) -> Affe
     return affected
 
 
+# The probabilistic linkage's tables name people by NHS number and by (LA code, LA person id).
+LINKAGE_TABLES = ("linkage.person_links", "linkage.review_queue", "linkage.review_decisions")
+
+
+def _linkage_person_where() -> str:
+    return (f"{nhs_message_sql('nhs_number')} IN (SELECT message FROM person_messages) OR "
+            f"{la_message_sql('la_code', 'la_person_id')} IN (SELECT message FROM person_messages)")
+
+
 def _delete_keyed(con, table: str, keys: str, key_columns: str) -> int:
     if not table_exists(con, *table.split(".")):
         return 0
@@ -91,6 +100,9 @@ def erase_in_processor_zone(con: duckdb.DuckDBPyConnection, affected: Affected) 
     for table in ("raw.hospital_episodes", "validated.hospital_episodes", "validated.hospital_rejections",
                   "validated.hospital_dq_flags"):
         affected.count(table, _delete_keyed(con, table, "person_hospital", "extract_id, row_number"))
+    for table in LINKAGE_TABLES:
+        if table_exists(con, *table.split(".")):
+            affected.count(table, con.execute(f"DELETE FROM {table} WHERE {_linkage_person_where()}").fetchall()[0][0])
     for column in rights.adult_link_columns():
         for table, la_code in (("raw.events", "s.la_code"), ("validated.events", "s.la_code")):
             if not table_exists(con, *table.split(".")):
@@ -276,6 +288,9 @@ def processor_occurrences(con: duckdb.DuckDBPyConnection, messages: set[str]) ->
         out["validated.hospital_episodes"] = con.execute(
             f"SELECT count(*) FROM validated.hospital_episodes WHERE {nhs_message_sql('nhs_number')} IN "
             "(SELECT message FROM person_messages)").fetchall()[0][0]
+    for table in LINKAGE_TABLES:
+        if table_exists(con, *table.split(".")):
+            out[table] = con.execute(f"SELECT count(*) FROM {table} WHERE {_linkage_person_where()}").fetchall()[0][0]
     return {t: n for t, n in out.items() if n}
 
 
@@ -290,6 +305,7 @@ def export_processor_rows(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[
         "raw.hospital_episodes": "SELECT v.* FROM raw.hospital_episodes v JOIN person_hospital USING (extract_id, row_number)",
         "validated.hospital_episodes": "SELECT v.* FROM validated.hospital_episodes v "
                                        "JOIN person_hospital USING (extract_id, row_number)",
+        **{table: f"SELECT * FROM {table} WHERE {_linkage_person_where()}" for table in LINKAGE_TABLES},
     }
     counts = {}
     for table, sql in queries.items():
