@@ -285,3 +285,41 @@ def test_confirmed_review_pairs_are_labels_for_the_next_model():
     pl.link(con, model)
     assert con.execute("SELECT patient_record_id, decision, match_probability FROM links WHERE sc_record_id = ?",
                        [sc]).fetchall() == [(patient, "linked", 1.0)]
+
+
+def test_the_review_sample_and_the_model_reveal_nobody_outside_the_processor_zone(pseudonymised_pipeline):
+    """The identifier scan, extended to the linkage: the review queue's dates of birth, postcodes,
+    NHS numbers and LA person ids are nowhere in the analysts' zone, Dagster's storage (event log,
+    metadata, compute logs) or the reports; the model files hold no identifier of anybody."""
+    from .conftest import occurrences
+
+    data_dir = pseudonymised_pipeline[0]
+    ident = duckdb.connect(str(data_dir / "identifiable.duckdb"), read_only=True)
+    queued = ident.execute("""SELECT nhs_number, la_person_id, council_dob, hospital_dob, council_postcode,
+                                     hospital_postcode FROM linkage.review_queue""").fetchall()
+    assert queued, "the tiny collection queues pairs for review"
+    wanted = set()
+    for nhs, pid, council_dob, hospital_dob, council_pc, hospital_pc in queued:
+        wanted |= {nhs, pid, council_pc, hospital_pc}
+        for day in (council_dob, hospital_dob):
+            wanted |= {day.isoformat(), day.strftime("%d/%m/%Y")}
+    wanted = {w for w in wanted if w and len(w) >= 6}
+    everybody = {d.isoformat() for (d,) in ident.execute(
+        "SELECT DISTINCT date_of_birth FROM validated.hospital_episodes WHERE date_of_birth IS NOT NULL "
+        "UNION SELECT DISTINCT date_of_birth FROM validated.events WHERE date_of_birth IS NOT NULL").fetchall()}
+    everybody |= {n for (n,) in ident.execute("SELECT DISTINCT nhs_number FROM validated.hospital_episodes "
+                                              "WHERE nhs_number IS NOT NULL").fetchall()}
+    ident.close()
+    with duckdb.connect(str(data_dir / "analytics.duckdb"), read_only=True) as con:
+        cells = set()
+        for schema, table, column in con.execute("SELECT table_schema, table_name, column_name FROM "
+                                                 "information_schema.columns WHERE table_catalog = current_database()"
+                                                 ).fetchall():
+            cells |= {v for (v,) in con.execute(f'SELECT DISTINCT CAST("{column}" AS VARCHAR) FROM '
+                                                f'"{schema}"."{table}"').fetchall() if v}
+    assert not wanted & cells
+    files = [p for root in (data_dir / "dagster_home", data_dir / "reports") for p in root.rglob("*") if p.is_file()]
+    leaked = occurrences({w for w in wanted if not (w.isdigit() and len(w) < 10)}, [p.read_bytes() for p in files])
+    assert not leaked
+    models = list((data_dir / "linkage" / "models").glob("*.json"))
+    assert models and not occurrences(everybody, [p.read_text(encoding="utf-8") for p in models])
