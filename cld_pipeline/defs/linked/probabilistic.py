@@ -15,7 +15,7 @@ pseudonymised layer does when it runs after this step, so the order of the two n
 """
 
 
-import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -52,7 +52,8 @@ REVIEW_SAMPLE = 100            # pairs near the threshold sampled for review per
 AUTOMATION = (dg.AutomationCondition.any_deps_updated().since_last_handled()
               & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress())
 # Anything that looks like an NHS number, a date or a postcode: none may be in a model's JSON.
-IDENTIFIER_PATTERN = re.compile(r"\b\d{10}\b|\b(19|20)\d\d-\d\d-\d\d\b|\b[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}\b")
+# (Ten digits after a decimal point are a parameter, not an NHS number.)
+IDENTIFIER_PATTERN = re.compile(r"(?<![\d.])\d{10}(?!\d)|\b(19|20)\d\d-\d\d-\d\d\b|\b[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}\b")
 
 
 
@@ -120,7 +121,8 @@ def _body(context, identifiable_db, analytics_db, pseudonymisation_key):
         finally:
             work.close()
         model, counts = outcome["model"], outcome["counts"]
-        model_id = f"{quarter}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}"
+        # Named by its content: the same data gives the same model, and a re-run the same tables.
+        model_id = f"{quarter}-" + (hashlib.sha256(model.to_json().encode()).hexdigest()[:12] if model else "none")
         with identifiable_db.get_connection() as con:
             ensure_tables(con)
             with transaction(con):   # the quarter's model, links and review queue change together
@@ -226,7 +228,8 @@ def _link(work: duckdb.DuckDBPyConnection, scratch, quarter: str, hospital_held:
                NULL::DOUBLE AS match_weight, 'other_rows' AS decided_by
         FROM council_people WHERE other_rows
         UNION ALL
-        SELECT c.la_code, c.la_person_id, p.nhs_number, 'probabilistic', l.match_probability, l.match_weight,
+        SELECT c.la_code, c.la_person_id, p.nhs_number, 'probabilistic', round(l.match_probability, 9),
+               round(l.match_weight, 6),
                CASE WHEN r.is_match THEN 'reviewer' ELSE 'model' END
         FROM links l JOIN council_people c ON c.record_id = l.sc_record_id
         JOIN patients p ON p.record_id = l.patient_record_id

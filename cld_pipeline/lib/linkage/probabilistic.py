@@ -87,6 +87,7 @@ def settings_creator(prior: float):
 
     return SettingsCreator(
         link_type="link_only",
+        linker_uid="cld",            # Splink draws a random one otherwise: the same data must give the same JSON
         unique_id_column_name="record_id",
         probability_two_random_records_match=prior,
         comparisons=[_dob_comparison(), cl.PostcodeComparison("postcode"), cl.ExactMatch("sex")],
@@ -159,8 +160,11 @@ def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
                 rule, record_sample_proportion=1.0, max_pairs=5e6)
         except Exception as err:   # noqa: BLE001 - EM that cannot converge keeps the label-seeded m
             logging.getLogger(__name__).warning("EM blocked on %s did not run: %s", rule, type(err).__name__)
-    settings = linker.misc.save_model_to_json()
-    scores = _score(con, linker)
+    # Parameters rounded to 10 significant digits, and the pairs scored with the rounded model: sums
+    # over two threads differ in their last bits from run to run, and a re-run must give the same
+    # model and the same links.
+    settings = _rounded(linker.misc.save_model_to_json())
+    scores = _score(con, _linker(con, settings))
     metrics, threshold = _judge(con, scores)
     shift, prior_metrics = _prior_shift(con)
     return Model(settings=settings, threshold=threshold, metrics={**metrics, **prior_metrics}, prior_shift=shift)
@@ -196,6 +200,17 @@ def _prior_shift(con: duckdb.DuckDBPyConnection) -> tuple[float, dict]:
     return round(shift, 4), {"findable_share_labelled": round(share_labelled, 5),
                              "findable_share_to_link": round(share_unlabelled, 5),
                              "exact_rule_recall": round(recall, 5), "prior_shift_bits": round(shift, 4)}
+
+
+def _rounded(value, digits: int = 10):
+    """Every float in a model's settings to `digits` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _has_review_labels(con: duckdb.DuckDBPyConnection, matches_only: bool = False) -> bool:
