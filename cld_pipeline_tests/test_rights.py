@@ -306,7 +306,8 @@ def test_no_analytical_asset_can_read_the_processor_zone(data_copy):
     from cld_pipeline.definitions import defs as load_defs
 
     graph = load_defs().resolve_asset_graph()
-    processor_groups = {"raw", "validated", "pseudonymised"}    # pseudonymisation is the processor's own step
+    # Pseudonymisation and the probabilistic linkage (which must compare identifiers) are the processor's own steps.
+    processor_groups = {"raw", "validated", "pseudonymised", "probabilistic_linkage"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if node.group_name not in processor_groups:

@@ -47,6 +47,7 @@ CANDIDATE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.
 SCORE_FLOOR = 0.01            # pairs scored below this are not kept at all
 REVIEW_BAND = (0.2, 0.9999)   # candidate pairs in this band around the threshold may be sampled for review
 MAX_LABELLED = 60_000         # labelled people drawn per quarter (half train, half held out)
+EM_MIN_PRIOR_SHIFT = -2.0     # bits: below this the people to link are too rarely matchable for EM
 
 
 @dataclass
@@ -142,6 +143,7 @@ def _prior(con: duckdb.DuckDBPyConnection) -> float:
 def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
     """Fit the model, score the held-out labels and choose the threshold (see the module text)."""
     _inputs(con)
+    shift, prior_metrics = _prior_shift(con)
     linker = _linker(con, settings_creator(_prior(con)))
     linker.training.estimate_u_using_random_sampling(max_pairs=2e6, seed=seed)
     has_train = con.execute("SELECT count(*) FROM splink_sc WHERE label IS NOT NULL").fetchall()[0][0]
@@ -154,7 +156,11 @@ def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
                        FROM review_labels WHERE is_match""")
         linker.training.estimate_m_from_pairwise_labels("review_pairs")
     from splink import block_on
-    for rule in (block_on("dob"), block_on("postcode")):
+    # EM refines m on the blocked pairs of everybody. When the people to link are mostly people with
+    # no hospital record (their base rate far below the labelled people's), those pairs are nearly
+    # all non-matches and EM fits them instead: the label-seeded m is kept.
+    em = "run" if shift > EM_MIN_PRIOR_SHIFT else f"skipped: prior shift {shift} bits"
+    for rule in (block_on("dob"), block_on("postcode")) if em == "run" else ():
         try:
             linker.training.estimate_parameters_using_expectation_maximisation(
                 rule, record_sample_proportion=1.0, max_pairs=5e6)
@@ -163,11 +169,26 @@ def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
     # Parameters rounded to 10 significant digits, and the pairs scored with the rounded model: sums
     # over two threads differ in their last bits from run to run, and a re-run must give the same
     # model and the same links.
-    settings = _rounded(linker.misc.save_model_to_json())
+    settings = _rounded(_with_exact_postcode_u(con, linker.misc.save_model_to_json()))
     scores = _score(con, _linker(con, settings))
     metrics, threshold = _judge(con, scores)
-    shift, prior_metrics = _prior_shift(con)
-    return Model(settings=settings, threshold=threshold, metrics={**metrics, **prior_metrics}, prior_shift=shift)
+    return Model(settings=settings, threshold=threshold, metrics={**metrics, **prior_metrics, "em": em},
+                 prior_shift=shift)
+
+
+def _with_exact_postcode_u(con: duckdb.DuckDBPyConnection, settings: dict) -> dict:
+    """u of an exact full-postcode match counted exactly when random sampling never saw one (real
+    postcodes hold a few dozen people, so two random records rarely share one): the share of all
+    (person, patient) pairs that share a postcode."""
+    for comparison in settings["comparisons"]:
+        for level in comparison["comparison_levels"]:
+            if level.get("sql_condition") == '"postcode_l" = "postcode_r"' and not level.get("u_probability"):
+                shared, pairs = con.execute("""
+                    SELECT coalesce(sum(a.n * b.n), 0), (SELECT count(*) FROM splink_sc) * (SELECT count(*) FROM splink_patients)
+                    FROM (SELECT postcode, count(*) AS n FROM splink_sc WHERE postcode IS NOT NULL GROUP BY ALL) a
+                    JOIN (SELECT postcode, count(*) AS n FROM splink_patients GROUP BY ALL) b USING (postcode)""").fetchall()[0]
+                level["u_probability"] = max(shared, 1) / max(pairs, 1)
+    return settings
 
 
 def _prior_shift(con: duckdb.DuckDBPyConnection) -> tuple[float, dict]:
