@@ -73,7 +73,10 @@ def test_no_clean_row_is_rejected_or_flagged(validated):
     data_dir, _, _, _, _ = validated
     ids, found = findings(data_dir)
     defective = {(ids[d["file_name"]], int(d["row_number"])) for d in defects(data_dir) if d["file_name"] in ids}
-    wrongly = Counter(rule for key, hits in found.items() if key not in defective for rule, _, _ in hits)
+    # A number the council did not record (synthetic/linkage.py, about 5% of people) is no defect, but
+    # its blank is rightly flagged.
+    wrongly = Counter(rule for key, hits in found.items() if key not in defective for rule, field, _ in hits
+                      if (rule, field) != ("mandatory_blank", "NHS_Number"))
     assert not wrongly, wrongly
 
 
