@@ -147,8 +147,8 @@ def test_the_model_json_holds_no_date_of_birth_postcode_or_nhs_number(fitted):
     _, model, _, _, _, patients, _ = fitted
     text = model.to_json()
     assert not [p for p in patients if p[1] in text or str(p[2]) in text or p[4] in text]
-    from cld_pipeline.defs.linked.probabilistic import IDENTIFIER_PATTERN
-    assert not IDENTIFIER_PATTERN.search(text)
+    from cld_pipeline.lib.privacy.identifiers import IDENTIFIER_SHAPED
+    assert not IDENTIFIER_SHAPED.search(text)
     assert json.loads(text)["splink"]["link_type"] == "link_only"
 
 
@@ -249,7 +249,7 @@ def test_a_rerun_and_a_run_killed_midway_leave_the_tables_of_a_clean_run(pseudon
                                                                           tmp_path):
     from cld_pipeline.commands.run import prepare_instance
     from cld_pipeline.definitions import defs as load_defs
-    from cld_pipeline.defs.linked import probabilistic as step
+    from cld_pipeline.lib.linkage import step
 
     data_dir = tmp_path / "data"    # a copy: the shared collection stays as it was
     shutil.copytree(pseudonymised_pipeline[0], data_dir, ignore=shutil.ignore_patterns("*.lock"))
@@ -258,7 +258,7 @@ def test_a_rerun_and_a_run_killed_midway_leave_the_tables_of_a_clean_run(pseudon
                      CLD_PSEUDO_KEY=PIPELINE_KEY, CLD_ENVIRONMENT="production"):
         instance = prepare_instance()
         job = load_defs().resolve_job_def("linked_quarter_job")
-        real = step._apply_to_analysts_zone
+        real = step.apply_to_analysts_zone
 
         def killed(con, scratch, quarter):
             # the processor zone has committed, the analysts' zone is half re-keyed, then the process dies
@@ -266,9 +266,9 @@ def test_a_rerun_and_a_run_killed_midway_leave_the_tables_of_a_clean_run(pseudon
                         "WHERE quarter = ? AND link_method = 'probabilistic'", [quarter])
             raise RuntimeError("killed")
 
-        monkeypatch.setattr(step, "_apply_to_analysts_zone", killed)
+        monkeypatch.setattr(step, "apply_to_analysts_zone", killed)
         assert not job.execute_in_process(instance=instance, partition_key="2026-Q3", raise_on_error=False).success
-        monkeypatch.setattr(step, "_apply_to_analysts_zone", real)
+        monkeypatch.setattr(step, "apply_to_analysts_zone", real)
         assert job.execute_in_process(instance=instance, partition_key="2026-Q3", raise_on_error=False).success
     assert _fingerprint(data_dir) == before
 
@@ -323,3 +323,50 @@ def test_the_review_sample_and_the_model_reveal_nobody_outside_the_processor_zon
     assert not leaked
     models = list((data_dir / "linkage" / "models").glob("*.json"))
     assert models and not occurrences(everybody, [p.read_text(encoding="utf-8") for p in models])
+
+
+def test_erasure_removes_a_pair_from_review_files_already_exported(tmp_path, monkeypatch):
+    from cld_pipeline.lib.linkage import review
+
+    monkeypatch.setenv("CLD_DATA_DIR", str(tmp_path))
+    con = duckdb.connect()
+    ensure_tables(con)
+    con.execute("""INSERT INTO linkage.review_queue (quarter, pair_id, reason, la_code, la_person_id, nhs_number)
+                   VALUES ('2026-Q3', 'p1', 'near_threshold', '101', 'A1', '9990000001'),
+                          ('2026-Q3', 'p2', 'near_threshold', '101', 'A2', '9990000002')""")
+    path = review.default_path("2026-Q3")
+    assert review.export_queue(con, "2026-Q3", path) == 2
+    (path.parent / "notes.txt").write_text("not a review file")
+    assert review.scrub_exports({"p1"}) == 1
+    with path.open() as fh:
+        assert [line.split(",")[0] for line in fh.read().splitlines()] == ["pair_id", "p2"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert review.scrub_exports({"p1"}) == 0 and review.scrub_exports(set()) == 0
+    assert not list(path.parent.glob(".*partial"))
+
+
+def test_a_store_pseudonymised_before_the_linkage_takes_resubmissions(pseudonymised_pipeline, tmp_path):
+    """A database whose superseded rows (events_history) predate the linkage's columns: re-processing
+    a partition moves rows into history without failing, and history gains the columns."""
+    from cld_pipeline.commands.run import BATCH_ASSETS, prepare_instance
+    from cld_pipeline.definitions import defs as load_defs
+    from cld_pipeline.defs.partitions import submission_partition_key
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(pseudonymised_pipeline[0], data_dir, ignore=shutil.ignore_patterns("*.lock"))
+    with duckdb.connect(str(data_dir / "analytics.duckdb")) as con:
+        con.execute("ALTER TABLE pseudonymised.events_history DROP COLUMN link_method")
+        con.execute("ALTER TABLE pseudonymised.events_history DROP COLUMN match_probability")
+        la, quarter = con.execute("SELECT la_code, quarter FROM pseudonymised.submissions ORDER BY ALL LIMIT 1"
+                                  ).fetchall()[0]
+    with environment(CLD_DATA_DIR=str(data_dir), DAGSTER_HOME=str(data_dir / "dagster_home"),
+                     CLD_PSEUDO_KEY=PIPELINE_KEY, CLD_ENVIRONMENT="production"):
+        instance = prepare_instance()
+        result = load_defs().resolve_job_def("ingest_submission_job").execute_in_process(
+            instance=instance, asset_selection=BATCH_ASSETS, raise_on_error=False,
+            partition_key=str(submission_partition_key(la, quarter)))
+        instance.dispose()
+    assert result.success
+    with duckdb.connect(str(data_dir / "analytics.duckdb"), read_only=True) as con:
+        columns = {r[0] for r in con.execute("DESCRIBE pseudonymised.events_history").fetchall()}
+    assert {"link_method", "match_probability"} <= columns

@@ -276,8 +276,10 @@ def test_retention_destroys_everything_after_the_agreement_ends(data_copy, capsy
     from cld_pipeline.commands.cli import main
     from cld_pipeline.lib.privacy import retention
 
+    assert main(["linkage", "review-export", "--quarter", "2026-Q3"]) == 0   # identifiable pairs on disk
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in retention.planned()}
     assert any(p.name == "identifiable.duckdb" for p in before) and any(p.parent.name == "archive" for p in before)
+    assert {p.parent.name for p in before if "linkage" in p.parts} == {"models", "review"}
     yesterday = str(dt.date.today() - dt.timedelta(days=1))
     assert main(["retention"]) == 0                                   # before expiry: nothing goes
     with environment(CLD_DSA_EXPIRES_ON=yesterday):

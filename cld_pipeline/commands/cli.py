@@ -247,18 +247,15 @@ def _linkage(args: argparse.Namespace) -> int:
     from cld_pipeline.commands import rights as subject_rights
     from cld_pipeline.lib.linkage import review
     from cld_pipeline.lib.linkage.evaluation import evaluate
-    from cld_pipeline.lib.linkage.person_links import ensure_tables
+    from cld_pipeline.lib.linkage.person_links import models
     from cld_pipeline.lib.privacy import audit
     from cld_pipeline.lib.privacy.audit import current_actor
 
     identifiable, _ = subject_rights._zones()
+    actor = args.by or current_actor()
     with identifiable.get_connection() as con:
-        ensure_tables(con)
         if args.action == "show":
-            rows = con.execute("SELECT quarter, model_id, trained_at, threshold, metrics_json FROM linkage.models "
-                               "WHERE ? IS NULL OR quarter = ? ORDER BY quarter", [args.quarter, args.quarter]).fetchall()
-            print(json.dumps([{"quarter": q, "model_id": m, "trained_at": str(t), "threshold": th,
-                               "metrics": json.loads(js)} for q, m, t, th, js in rows], indent=2))
+            print(json.dumps(models(con, args.quarter), indent=2))
             return 0
         if not args.quarter and args.action != "review-record":
             print(f"cld-pipeline linkage {args.action}: --quarter is required", file=sys.stderr)
@@ -272,10 +269,9 @@ def _linkage(args: argparse.Namespace) -> int:
             print(json.dumps(evaluate(con, truth, args.quarter), indent=2))
             return 0
         if args.action == "review-export":
-            path = Path(args.file) if args.file else (settings.data_dir() / "linkage" / "review"
-                                                      / f"review_{args.quarter}.csv")
+            path = Path(args.file) if args.file else review.default_path(args.quarter)
             count = review.export_queue(con, args.quarter, path)
-            audit.append(con, "linkage:review-export", args.quarter, {"pairs": count}, actor=args.by or current_actor())
+            audit.append(con, "linkage:review-export", args.quarter, {"pairs": count}, actor=actor)
             print(f"{count} pairs to review written to {path} (owner-only; processor zone). Fill the decision column "
                   f"with match, non_match or unsure, then: cld-pipeline linkage review-record --file {path}")
             return 0
@@ -283,11 +279,11 @@ def _linkage(args: argparse.Namespace) -> int:
             print("cld-pipeline linkage review-record: --file is required", file=sys.stderr)
             return 2
         try:
-            counts = review.record_decisions(con, Path(args.file), args.by or current_actor())
+            counts = review.record_decisions(con, Path(args.file), actor)
         except (review.ReviewError, OSError) as err:
             print(f"cld-pipeline linkage review-record: {err}", file=sys.stderr)
             return 2
-        audit.append(con, "linkage:review-record", Path(args.file).name, counts, actor=args.by or current_actor())
+        audit.append(con, "linkage:review-record", Path(args.file).name, counts, actor=actor)
     print(f"recorded {counts['match']} match and {counts['non_match']} non-match decisions "
           f"({counts['undecided']} rows left undecided); the next linkage run uses them: launch linked_quarter_job.")
     return 0

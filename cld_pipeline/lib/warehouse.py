@@ -33,14 +33,19 @@ def replace_slice(con: duckdb.DuckDBPyConnection, table: str, source: str, where
     schema = table.split(".")[0]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM {source} LIMIT 0")
-    # A newer method may add columns: earlier quarters keep NULL in them rather than the write failing.
+    add_missing_columns(con, table, source)
+    with transaction(con):
+        con.execute(f"DELETE FROM {table} WHERE {where}", params)
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {source}")
+
+
+def add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, source: str) -> None:
+    """Give `table` every column of `source` it lacks: a newer method may add columns, and earlier
+    rows keep NULL in them rather than a `BY NAME` write failing."""
     have = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
     for name, kind, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
         if name not in have:
             con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
-    with transaction(con):
-        con.execute(f"DELETE FROM {table} WHERE {where}", params)
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {source}")
 
 
 def replace_table(con: duckdb.DuckDBPyConnection, schema: str, table: str, data: pa.Table) -> int:

@@ -140,7 +140,7 @@ class GeneratorConfig:
 # 2B and 2C are rates per ONS population, so on synthetic data they scale with the volume: the
 # national scale (8 million rows a quarter, about the real collection) gives the real rate, and a
 # smaller scale gives it times rows_per_quarter / 8 million.
-NATIONAL_ROWS_PER_QUARTER = 8_000_000
+NATIONAL_ROWS_PER_QUARTER = SCALES["national"].rows_per_quarter
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from cld_pipeline.reference import load_local_authorities
 from cld_pipeline.spec import load_spec, normalise_header
 from cld_pipeline.synthetic.config import DefectRates
-from cld_pipeline.synthetic.simulate import LONG_TERM_KEYS, NA_DAY, Truth
+from cld_pipeline.synthetic.simulate import NA_DAY, Truth, long_term_mask
 from cld_pipeline.synthetic.submissions import SubmissionFile, day_to_date
 from cld_pipeline.synthetic.vocab import Vocabularies
 
@@ -150,7 +150,7 @@ class DefectInjector:
         and the latest-person-details rules, which is what the waiting times and ASCOF 2E meet."""
         rng, e, p, v = self.rng, self.truth.events, self.truth.people, self.v
         user = p.client_type[e.person] == v["client_type"].idx("service_user")
-        long_term = np.isin(e.ints["service_type"], [v["service_type"].idx(k) for k in LONG_TERM_KEYS])
+        long_term = long_term_mask(e, v)
         clients = np.unique(e.person[long_term & user])
         chosen = clients[rng.random(clients.size) < rates.invalid_code * PERSISTENT_SHARE["invalid_code"]]
         acc = v["accommodation_status"]

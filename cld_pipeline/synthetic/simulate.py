@@ -31,6 +31,11 @@ LTS_HISTORY_YEARS = 3
 # while new admissions stay at the published rates (2B, 2C, 2E).
 LONG_STANDING_SHARE = (0.45, 0.40)   # working-age, 65 and over
 LONG_TERM_KEYS = ("lts_nursing", "lts_residential", "lts_community", "lts_prison")
+
+
+def long_term_mask(events, vocab) -> np.ndarray:
+    """Which events are long-term services."""
+    return np.isin(events.ints["service_type"], [vocab["service_type"].idx(k) for k in LONG_TERM_KEYS])
 # What follows reablement (ASCOF 2A sequel), with the ST-Max outcome each comes with. Shares are
 # calibrated to the published 2A (config.PUBLISHED_TARGETS): about one in five clusters is followed
 # by long-term or short-term residential/nursing care.
@@ -786,7 +791,7 @@ class Simulator:
         status = people.coded["Accommodation_Status"]
         status[:] = draw(len(people), [(mainstream, 0.86), (one("sheltered_housing"), 0.03),
                                        (one("supported_accommodation"), 0.02), (unsettled, 0.02), (unknown, 0.07)])
-        lt = np.flatnonzero(np.isin(events.ints["service_type"], [st.idx(k) for k in LONG_TERM_KEYS]))
+        lt = np.flatnonzero(long_term_mask(events, self.v))
         order = lt[np.lexsort((events.start[lt], events.person[lt]))]
         last = order[np.r_[events.person[order][1:] != events.person[order][:-1], True]] if order.size else order
         person, s_type, comp = events.person[last], events.ints["service_type"][last], events.ints["service_component"][last]
@@ -810,8 +815,7 @@ class Simulator:
     def _deaths_on_period_days(self, events: Events, years) -> None:
         """A few long-term clients die on the first or the last day of a reporting year (the
         boundary cases of ASCOF 2E and 3D)."""
-        st = self.v["service_type"]
-        lt = np.isin(events.ints["service_type"], [st.idx(k) for k in LONG_TERM_KEYS])
+        lt = long_term_mask(events, self.v)
         for day in sorted({d for year in years for d in year}):
             active = lt & (events.start < day - 30) & ((events.end == NA_DAY) | (events.end > day))
             candidates = np.unique(events.person[active])
@@ -836,7 +840,7 @@ class Simulator:
                                                  v["service_type"].idx("lts_residential")])]] = True
         hazard = np.where(in_care_home, hazard * 1.8, hazard)
         death = first + rng.exponential(365.25 / hazard).astype(np.int64)
-        forced = getattr(self, "_forced_person", [])
+        forced = self._forced_person
         if forced:
             np.minimum.at(death, np.concatenate(forced).astype(np.int64),
                           np.concatenate(self._forced_day).astype(np.int64))

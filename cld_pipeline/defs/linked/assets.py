@@ -18,6 +18,7 @@ from cld_pipeline.defs.partitions import QUARTERLY, quarter_partitions
 from cld_pipeline.defs.pseudonymise.assets import EVENTS as PSEUDONYMISED_EVENTS
 from cld_pipeline.defs.resources import LockedDuckDBResource
 from cld_pipeline.lib.linkage import tables as linkage
+from cld_pipeline.lib.linkage.person_links import ensure_link_columns, stored_link_method_sql
 from cld_pipeline.defs.metadata import table_schema
 from cld_pipeline.lib.warehouse import transaction
 
@@ -76,10 +77,7 @@ def build_linked_tables(con, quarter: str, care_source: str = "pseudonymised.eve
     """Compute every linked table of `quarter` into temp tables `<name>` on `con`; returns row counts."""
     start, end = quarter_period(quarter)
     params = {"period_start": start, "period_end": end, "quarter": quarter}
-    # Rows pseudonymised before the linkage existed carry no link_method: their own token's source says it.
-    columns = ", ".join(c if c != "link_method" else
-                        "coalesce(link_method, CASE person_id_source WHEN 'nhs' THEN 'nhs_number' ELSE 'none' END) "
-                        "AS link_method" for c in CARE_COLUMNS)
+    columns = ", ".join(c if c != "link_method" else f"{stored_link_method_sql()} AS link_method" for c in CARE_COLUMNS)
     con.execute(f"CREATE OR REPLACE TEMP TABLE care AS SELECT {columns} FROM {care_source} "
                 "WHERE quarter = $quarter", {"quarter": quarter})
     con.execute(f"CREATE OR REPLACE TEMP TABLE spells AS {linkage.spells_sql(episodes_source)}")
@@ -142,8 +140,7 @@ def _linked_quarter_body(context: dg.AssetExecutionContext, analytics_db: Locked
             raise dg.Failure(description="pseudonymised.events is not loaded yet: no social care submission has "
                                          "been processed.", allow_retries=False)
         hospital_held = "pseudonymised.hospital_episodes" in have
-        for column, kind in (("link_method", "VARCHAR"), ("match_probability", "DOUBLE")):
-            con.execute(f"ALTER TABLE pseudonymised.events ADD COLUMN IF NOT EXISTS {column} {kind}")
+        ensure_link_columns(con)
         if not hospital_held:   # link against no spells: every table is built, the check below says why it is empty
             con.execute(f"CREATE OR REPLACE TEMP TABLE no_episodes ({', '.join(f'{c} {t}' for c, t in EPISODE_COLUMNS.items())})")
         counts = build_linked_tables(con, quarter, episodes_source="pseudonymised.hospital_episodes" if hospital_held

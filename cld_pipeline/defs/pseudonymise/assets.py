@@ -30,7 +30,7 @@ from cld_pipeline.lib.linkage.person_links import linked_person_select, links_jo
 from cld_pipeline.lib.privacy.pseudonymise import KeyError_, hmac_sql
 from cld_pipeline.lib.validation.store import unusable_submissions
 from cld_pipeline.defs.metadata import table_schema
-from cld_pipeline.lib.warehouse import replace_slice, transaction
+from cld_pipeline.lib.warehouse import add_missing_columns, replace_slice, transaction
 from cld_pipeline.spec import load_spec
 
 OWNERS = ["team:cld-platform"]
@@ -215,6 +215,8 @@ def _pseudonymised_events_body(context: dg.AssetExecutionContext, identifiable_d
             con.execute("CREATE SCHEMA IF NOT EXISTS pseudonymised")
             con.execute(f"CREATE TABLE IF NOT EXISTS pseudonymised.events AS SELECT * FROM read_parquet('{out}') LIMIT 0")
             con.execute("CREATE TABLE IF NOT EXISTS pseudonymised.events_history AS SELECT * FROM pseudonymised.events LIMIT 0")
+            # events gains columns as the method grows (the linkage's, say): history follows
+            add_missing_columns(con, "pseudonymised.events_history", "pseudonymised.events")
             con.register("batch_submissions", batch)
             slices = "la_code || '|' || quarter IN (SELECT la_code || '|' || quarter FROM batch_submissions)"
             current_ids = "(SELECT submission_id FROM batch_submissions)"

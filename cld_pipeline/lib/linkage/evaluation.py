@@ -18,10 +18,10 @@ def evaluate(con: duckdb.DuckDBPyConnection, truth_people: Path, quarter: str) -
     and by the kind of difference between the council's and the hospital's record."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE truth AS SELECT * FROM read_parquet('{truth_people}')")
     con.execute("""CREATE OR REPLACE TEMP TABLE quarter_people AS
-                   SELECT DISTINCT s.la_code, trim(v.la_person_unique_identifier) AS la_person_id,
-                          bool_or(v.nhs_number IS NOT NULL) OVER (PARTITION BY s.la_code, trim(v.la_person_unique_identifier)) AS any_number
+                   SELECT s.la_code, trim(v.la_person_unique_identifier) AS la_person_id,
+                          bool_or(v.nhs_number IS NOT NULL) AS any_number
                    FROM validated.events v JOIN raw.submissions s USING (submission_id)
-                   WHERE s.quarter = ? AND s.status = 'accepted'""", [quarter])
+                   WHERE s.quarter = ? AND s.status = 'accepted' GROUP BY ALL""", [quarter])
     rows = con.execute("""
         WITH patients AS (SELECT DISTINCT nhs_number FROM validated.hospital_episodes WHERE nhs_number IS NOT NULL),
         findable AS (

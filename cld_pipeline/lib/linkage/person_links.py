@@ -7,11 +7,12 @@ re-keys rows already pseudonymised), so the order in which the two run never cha
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 
 from cld_pipeline.lib.privacy.pseudonymise import person_token_sql
 
-LINK_METHODS = ("nhs_number", "probabilistic", "none")
 LINKS_COLUMNS = """quarter VARCHAR, la_code VARCHAR, la_person_id VARCHAR, nhs_number VARCHAR, link_method VARCHAR,
     match_probability DOUBLE, match_weight DOUBLE, decided_by VARCHAR, model_id VARCHAR"""
 REVIEW_COLUMNS = """quarter VARCHAR, pair_id VARCHAR, reason VARCHAR, la_code VARCHAR, la_person_id VARCHAR,
@@ -47,3 +48,24 @@ def linked_person_select(v: str, la_code_sql: str, link_nhs: str, link_method: s
             f"AS link_method, "
             f"CASE WHEN {v}.nhs_number IS NULL AND {link_method} = 'probabilistic' THEN {link_probability} END "
             f"AS match_probability")
+
+
+def ensure_link_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """`pseudonymised.events` (analysts' zone) as created before the linkage existed gains its columns."""
+    con.execute("ALTER TABLE pseudonymised.events ADD COLUMN IF NOT EXISTS link_method VARCHAR")
+    con.execute("ALTER TABLE pseudonymised.events ADD COLUMN IF NOT EXISTS match_probability DOUBLE")
+
+
+def stored_link_method_sql(link_method: str = "link_method", person_id_source: str = "person_id_source") -> str:
+    """A pseudonymised row's link method; rows pseudonymised before the linkage existed carry none,
+    and their own token's source says it."""
+    return f"coalesce({link_method}, CASE {person_id_source} WHEN 'nhs' THEN 'nhs_number' ELSE 'none' END)"
+
+
+def models(con: duckdb.DuckDBPyConnection, quarter: str | None = None) -> list[dict]:
+    """The stored models (every quarter, or one) with their held-out metrics; no record values."""
+    ensure_tables(con)
+    rows = con.execute("SELECT quarter, model_id, trained_at, threshold, metrics_json FROM linkage.models "
+                       "WHERE ? IS NULL OR quarter = ? ORDER BY quarter", [quarter, quarter]).fetchall()
+    return [{"quarter": q, "model_id": m, "trained_at": str(t), "threshold": th, "metrics": json.loads(js)}
+            for q, m, t, th, js in rows]

@@ -45,7 +45,6 @@ MODEL_VERSION = "1"
 TARGET_PRECISION = 0.995
 CANDIDATE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 SCORE_FLOOR = 0.01            # pairs scored below this are not kept at all
-REVIEW_BAND = (0.2, 0.9999)   # candidate pairs in this band around the threshold may be sampled for review
 MAX_LABELLED = 60_000         # labelled people drawn per quarter (half train, half held out)
 EM_MIN_PRIOR_SHIFT = -2.0     # bits: below this the people to link are too rarely matchable for EM
 
@@ -60,12 +59,6 @@ class Model:
     def to_json(self) -> str:
         return json.dumps({"model_version": MODEL_VERSION, "threshold": self.threshold, "metrics": self.metrics,
                            "prior_shift_bits": self.prior_shift, "splink": self.settings}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Model:
-        data = json.loads(text)
-        return cls(settings=data["splink"], threshold=data["threshold"], metrics=data.get("metrics", {}),
-                   prior_shift=data.get("prior_shift_bits", 0.0))
 
 
 def _dob_comparison():
@@ -129,13 +122,24 @@ def _linker(con: duckdb.DuckDBPyConnection, settings):
     return Linker(frames, settings, log_level=logging.WARNING)
 
 
-def _prior(con: duckdb.DuckDBPyConnection) -> float:
+def probability_sql(weight: str) -> str:
+    """A match weight (bits) as a probability."""
+    return f"1 / (1 + pow(2, -({weight})))"
+
+
+def _label_counts(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
+    """Per role: (people, people whose NHS number is among the patients: findable)."""
+    counts = {role: (n, found) for role, n, found in con.execute("""
+        SELECT role, count(*), count(*) FILTER (WHERE nhs_number IN (SELECT nhs_number FROM patients))
+        FROM sc_people GROUP BY role""").fetchall()}
+    return {role: counts.get(role, (0, 0)) for role in ("train", "holdout", "unlabelled")}
+
+
+def _prior(con: duckdb.DuckDBPyConnection, labels: dict[str, tuple[int, int]]) -> float:
     """Share of random (person, patient) pairs that are a match, from the training labels: the
     share of labelled people found among the patients, over the number of patients."""
-    labelled, found, patients = con.execute("""
-        SELECT count(*), count(*) FILTER (WHERE nhs_number IN (SELECT nhs_number FROM patients)),
-               (SELECT count(*) FROM patients)
-        FROM sc_people WHERE role = 'train'""").fetchall()[0]
+    labelled, found = labels["train"]
+    patients = con.execute("SELECT count(*) FROM patients").fetchall()[0][0]
     share = found / labelled if labelled else 0.5
     return min(max(share, 0.01) / max(patients, 1), 0.5)
 
@@ -143,13 +147,14 @@ def _prior(con: duckdb.DuckDBPyConnection) -> float:
 def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
     """Fit the model, score the held-out labels and choose the threshold (see the module text)."""
     _inputs(con)
-    shift, prior_metrics = _prior_shift(con)
-    linker = _linker(con, settings_creator(_prior(con)))
+    _ensure_review_labels(con)
+    labels = _label_counts(con)
+    shift, prior_metrics = _prior_shift(con, labels)
+    linker = _linker(con, settings_creator(_prior(con, labels)))
     linker.training.estimate_u_using_random_sampling(max_pairs=2e6, seed=seed)
-    has_train = con.execute("SELECT count(*) FROM splink_sc WHERE label IS NOT NULL").fetchall()[0][0]
-    if has_train:
+    if labels["train"][0]:
         linker.training.estimate_m_from_label_column("label")
-    if _has_review_labels(con, matches_only=True):
+    if con.execute("SELECT count(*) FROM review_labels WHERE is_match").fetchall()[0][0]:
         con.execute("""CREATE OR REPLACE TEMP TABLE review_pairs AS
                        SELECT 'sc' AS source_dataset_l, sc_record_id AS record_id_l,
                               'patients_in' AS source_dataset_r, patient_record_id AS record_id_r
@@ -170,8 +175,8 @@ def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
     # over two threads differ in their last bits from run to run, and a re-run must give the same
     # model and the same links.
     settings = _rounded(_with_exact_postcode_u(con, linker.misc.save_model_to_json()))
-    scores = _score(con, _linker(con, settings))
-    metrics, threshold = _judge(con, scores)
+    _score(con, _linker(con, settings))
+    metrics, threshold = _judge(con, labels)
     return Model(settings=settings, threshold=threshold, metrics={**metrics, **prior_metrics, "em": em},
                  prior_shift=shift)
 
@@ -191,7 +196,7 @@ def _with_exact_postcode_u(con: duckdb.DuckDBPyConnection, settings: dict) -> di
     return settings
 
 
-def _prior_shift(con: duckdb.DuckDBPyConnection) -> tuple[float, dict]:
+def _prior_shift(con: duckdb.DuckDBPyConnection, labels: dict[str, tuple[int, int]]) -> tuple[float, dict]:
     """How much rarer (or commoner) a hospital match is among the people to link than among the
     labelled people, as bits to add to their match weights.
 
@@ -201,17 +206,11 @@ def _prior_shift(con: duckdb.DuckDBPyConnection) -> tuple[float, dict]:
     links. Their share is estimated as Splink's `estimate_probability_two_random_records_match`
     does: people matched by a near-certain rule (same date of birth and full postcode), divided by
     that rule's recall, measured on the held-out labels."""
-    labelled, found, holdout_findable, rule_found, unlabelled, rule_unlabelled = con.execute("""
-        WITH exact AS (
-            SELECT DISTINCT s.record_id, s.role, s.nhs_number = p.nhs_number AS same_number
-            FROM sc_people s JOIN patients p ON p.dob = s.dob AND p.postcode = s.postcode
-        )
-        SELECT (SELECT count(*) FROM sc_people WHERE role = 'train'),
-               (SELECT count(*) FROM sc_people WHERE role = 'train' AND nhs_number IN (SELECT nhs_number FROM patients)),
-               (SELECT count(*) FROM sc_people WHERE role = 'holdout' AND nhs_number IN (SELECT nhs_number FROM patients)),
-               (SELECT count(DISTINCT record_id) FROM exact WHERE role = 'holdout' AND same_number),
-               (SELECT count(*) FROM sc_people WHERE role = 'unlabelled'),
-               (SELECT count(DISTINCT record_id) FROM exact WHERE role = 'unlabelled')""").fetchall()[0]
+    (labelled, found), (_, holdout_findable), (unlabelled, _) = labels["train"], labels["holdout"], labels["unlabelled"]
+    rule_found, rule_unlabelled = con.execute("""
+        SELECT count(DISTINCT s.record_id) FILTER (WHERE s.role = 'holdout' AND s.nhs_number = p.nhs_number),
+               count(DISTINCT s.record_id) FILTER (WHERE s.role = 'unlabelled')
+        FROM sc_people s JOIN patients p ON p.dob = s.dob AND p.postcode = s.postcode""").fetchall()[0]
     if not (labelled and found and holdout_findable and rule_found and unlabelled):
         return 0.0, {}
     share_labelled = found / labelled
@@ -234,14 +233,7 @@ def _rounded(value, digits: int = 10):
     return value
 
 
-def _has_review_labels(con: duckdb.DuckDBPyConnection, matches_only: bool = False) -> bool:
-    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'review_labels'").fetchall()[0][0]:
-        return False
-    where = "WHERE is_match" if matches_only else ""
-    return bool(con.execute(f"SELECT count(*) FROM review_labels {where}").fetchall()[0][0])
-
-
-def _score(con: duckdb.DuckDBPyConnection, linker) -> str:
+def _score(con: duckdb.DuckDBPyConnection, linker) -> None:
     """Every blocked pair scored at or above the floor, as temp table `scores`
     (sc_record_id, patient_record_id, match_probability, match_weight)."""
     predictions = linker.inference.predict(threshold_match_probability=SCORE_FLOOR)
@@ -251,7 +243,6 @@ def _score(con: duckdb.DuckDBPyConnection, linker) -> str:
                            match_probability, match_weight
                     FROM {predictions.physical_name}""")
     predictions.drop_table_from_database_and_remove_from_cache()
-    return "scores"
 
 
 def decisions_sql(threshold: str = "$threshold", shift: str = "0") -> str:
@@ -278,17 +269,15 @@ def decisions_sql(threshold: str = "$threshold", shift: str = "0") -> str:
             WHERE r.is_match AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.sc_record_id = r.sc_record_id
                                                                      AND s.patient_record_id = r.patient_record_id)
         ), ranked AS (
-            SELECT *, 1 / (1 + pow(2, -weight)) AS pair_probability,
+            SELECT *, {probability_sql('weight')} AS pair_probability,
                    CASE WHEN confirmed THEN 1.0
                         ELSE pow(2, weight) / (1 + sum(pow(2, coalesce(weight, 0))) OVER (PARTITION BY sc_record_id))
                    END AS match_probability,
-                   count(*) FILTER (WHERE 1 / (1 + pow(2, -weight)) >= {threshold})
-                       OVER (PARTITION BY sc_record_id) AS patients_above_threshold
             FROM pairs
             QUALIFY row_number() OVER (PARTITION BY sc_record_id
                                        ORDER BY confirmed DESC, weight DESC NULLS LAST, patient_record_id) = 1
         )
-        SELECT sc_record_id, patient_record_id, match_probability, weight AS match_weight, patients_above_threshold,
+        SELECT sc_record_id, patient_record_id, match_probability, weight AS match_weight,
                CASE WHEN confirmed OR match_probability >= {threshold} THEN 'linked'
                     WHEN pair_probability >= {threshold} THEN 'ambiguous' ELSE 'below_threshold' END AS decision
         FROM ranked"""
@@ -299,13 +288,10 @@ def _ensure_review_labels(con: duckdb.DuckDBPyConnection) -> None:
                 "(sc_record_id BIGINT, patient_record_id BIGINT, is_match BOOLEAN)")
 
 
-def _judge(con: duckdb.DuckDBPyConnection, scores: str) -> tuple[dict, float]:
+def _judge(con: duckdb.DuckDBPyConnection, labels: dict[str, tuple[int, int]]) -> tuple[dict, float]:
     """Precision and recall on the held-out labels at each candidate threshold; the threshold is
     the lowest whose precision reaches the target (the highest candidate when none does)."""
-    _ensure_review_labels(con)
-    findable = con.execute("""SELECT count(*) FROM sc_people h WHERE role = 'holdout'
-                              AND nhs_number IN (SELECT nhs_number FROM patients)""").fetchall()[0][0]
-    holdout = con.execute("SELECT count(*) FROM sc_people WHERE role = 'holdout'").fetchall()[0][0]
+    holdout, findable = labels["holdout"]
     table = []
     for t in CANDIDATE_THRESHOLDS:
         linked, correct = con.execute(f"""
@@ -325,13 +311,9 @@ def _judge(con: duckdb.DuckDBPyConnection, scores: str) -> tuple[dict, float]:
 
 
 def link(con: duckdb.DuckDBPyConnection, model: Model) -> None:
-    """Score the people to link with a fitted model: temp table `links` (sc_record_id,
-    patient_record_id, match_probability, match_weight, patients_above_threshold, decision) for
-    every unlabelled person with at least one candidate at or above the score floor."""
-    _ensure_review_labels(con)
-    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'scores'").fetchall()[0][0]:
-        _inputs(con)
-        _score(con, _linker(con, model.settings))
+    """Decide for the people to link, from the pairs `train` scored: temp table `links`
+    (sc_record_id, patient_record_id, match_probability, match_weight, decision) for every
+    unlabelled person with at least one candidate at or above the score floor."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE links AS
                     SELECT d.* FROM ({decisions_sql(shift="$shift")}) d
                     JOIN sc_people s ON s.record_id = d.sc_record_id AND s.role = 'unlabelled'""",
@@ -358,16 +340,18 @@ def social_care_people_sql(submissions: str = "quarter_submissions") -> str:
     """One row per council person (LA code, LA person id) of the quarter's current submissions
     (`submissions`: submission_id, la_code), from validated rows not under restriction: how many
     distinct valid NHS numbers their rows carry, the number when there is one, whether some rows
-    lack it, and the latest date of birth, sex and postcode they were recorded with."""
+    lack it, and the latest date of birth, sex and postcode they were recorded with (rows on the same
+    day in a fixed order: the result never depends on the order rows were stored in)."""
+    latest = "(v.event_start_date, v.submission_id, v.row_number)"
     return f"""
         SELECT s.la_code, trim(v.la_person_unique_identifier) AS la_person_id,
                count(DISTINCT v.nhs_number) AS nhs_numbers,
                min(v.nhs_number) AS nhs_number,
                bool_or(v.nhs_number IS NULL) AS rows_without_number,
-               arg_max(v.date_of_birth, v.event_start_date) FILTER (WHERE v.date_of_birth IS NOT NULL) AS dob,
-               arg_max({_sex_sql('v.gender_cleaned', 'gender')}, v.event_start_date)
+               arg_max(v.date_of_birth, {latest}) FILTER (WHERE v.date_of_birth IS NOT NULL) AS dob,
+               arg_max({_sex_sql('v.gender_cleaned', 'gender')}, {latest})
                    FILTER (WHERE v.gender_cleaned IS NOT NULL) AS sex,
-               arg_max({_postcode_sql('v.postcode')}, v.event_start_date)
+               arg_max({_postcode_sql('v.postcode')}, {latest})
                    FILTER (WHERE nullif(trim(v.postcode), '') IS NOT NULL) AS postcode
         FROM validated.events v JOIN {submissions} s USING (submission_id)
         WHERE NOT coalesce(v.processing_restricted, false) AND nullif(trim(v.la_person_unique_identifier), '') IS NOT NULL
@@ -376,12 +360,13 @@ def social_care_people_sql(submissions: str = "quarter_submissions") -> str:
 
 def patients_sql() -> str:
     """One row per hospital patient (valid NHS number) not under restriction, as their latest
-    episode records them."""
+    episode records them (episodes of the same day in a fixed order)."""
+    latest = "(admission_date, extract_id, row_number)"
     return f"""
         SELECT nhs_number,
-               arg_max(date_of_birth, admission_date) FILTER (WHERE date_of_birth IS NOT NULL) AS dob,
-               arg_max({_sex_sql('sex', 'hospital_sex')}, admission_date) AS sex,
-               arg_max({_postcode_sql('postcode')}, admission_date) FILTER (WHERE postcode IS NOT NULL) AS postcode
+               arg_max(date_of_birth, {latest}) FILTER (WHERE date_of_birth IS NOT NULL) AS dob,
+               arg_max({_sex_sql('sex', 'hospital_sex')}, {latest}) AS sex,
+               arg_max({_postcode_sql('postcode')}, {latest}) FILTER (WHERE postcode IS NOT NULL) AS postcode
         FROM validated.hospital_episodes
         WHERE nhs_number IS NOT NULL AND NOT coalesce(processing_restricted, false)
         GROUP BY nhs_number"""
@@ -395,7 +380,7 @@ def roles_sql(people: str = "council_people", max_labelled: int = MAX_LABELLED) 
         WITH labelled AS (
             SELECT la_code, la_person_id, hash(nhs_number || 'cld-linkage') AS h FROM {people}
             WHERE nhs_numbers = 1 AND dob IS NOT NULL
-            ORDER BY h LIMIT {int(max_labelled)}
+            ORDER BY h, la_code, la_person_id LIMIT {int(max_labelled)}
         )
         SELECT p.*, CASE WHEN p.nhs_numbers = 0 AND p.dob IS NOT NULL THEN 'unlabelled'
                          WHEN l.h IS NOT NULL THEN CASE WHEN l.h % 2 = 0 THEN 'train' ELSE 'holdout' END END AS role,

@@ -16,15 +16,92 @@ from pathlib import Path
 
 import duckdb
 
+from cld_pipeline import settings
 from cld_pipeline.lib.linkage.person_links import ensure_tables
+from cld_pipeline.lib.linkage.probabilistic import probability_sql
 
 EXPORT_COLUMNS = ("pair_id", "reason", "match_probability", "council_dob", "council_sex", "council_postcode",
                   "hospital_dob", "hospital_sex", "hospital_postcode", "decision")
 DECISIONS = {"match": True, "non_match": False, "unsure": None}
+SAMPLE = 100          # pairs near the threshold sampled for review per quarter (ambiguous people on top)
+LOWEST = 0.2          # ... from this probability up to 90% of the way from the threshold to 1
 
 
 class ReviewError(ValueError):
     """A review file that cannot be recorded; the message names the file, row and field, never a value."""
+
+
+def folder() -> Path:
+    """Where review files are exported to (processor zone; destroyed with the agreement's data)."""
+    return settings.data_dir() / "linkage" / "review"
+
+
+def default_path(quarter: str) -> Path:
+    return folder() / f"review_{quarter}.csv"
+
+
+def queue_sql(quarter: str, threshold: float, shift: float) -> str:
+    """The quarter's pairs for review, from the linkage step's `scores`, `links`, `sc_people`,
+    `council_people`, `patients` and `review_labels`: every ambiguous person's best pair, then a
+    seeded sample of undecided pairs near the threshold."""
+    weight = f"s.match_weight + {float(shift)}"
+    upper = f"least({float(threshold)} + (1 - {float(threshold)}) * 0.9, 0.99999)"
+    return f"""
+        WITH candidates AS (
+            SELECT s.sc_record_id, s.patient_record_id, {probability_sql(weight)} AS match_probability,
+                   {weight} AS match_weight,
+                   CASE WHEN l.decision = 'ambiguous' THEN 'ambiguous' ELSE 'near_threshold' END AS reason
+            FROM scores s JOIN sc_people u ON u.record_id = s.sc_record_id AND u.role = 'unlabelled'
+            LEFT JOIN links l ON l.sc_record_id = s.sc_record_id
+            LEFT JOIN review_labels r ON r.sc_record_id = s.sc_record_id AND r.patient_record_id = s.patient_record_id
+            WHERE r.is_match IS NULL
+              AND ((l.decision = 'ambiguous' AND s.patient_record_id = l.patient_record_id)
+                   OR {probability_sql(weight)} BETWEEN {LOWEST} AND {upper})
+        ), picked AS (
+            SELECT * FROM candidates
+            QUALIFY reason = 'ambiguous'
+                 OR row_number() OVER (PARTITION BY reason ORDER BY hash(sc_record_id, patient_record_id, '{quarter}'))
+                    <= {SAMPLE}
+        )
+        SELECT substr(sha256(c.la_code || ':' || c.la_person_id || ':' || p.nhs_number || ':{quarter}'), 1, 16) AS pair_id,
+               k.reason, c.la_code, c.la_person_id, p.nhs_number, k.match_probability, k.match_weight,
+               c.dob AS council_dob, c.sex AS council_sex, c.postcode AS council_postcode,
+               p.dob AS hospital_dob, p.sex AS hospital_sex, p.postcode AS hospital_postcode
+        FROM picked k JOIN council_people c ON c.record_id = k.sc_record_id
+        JOIN patients p ON p.record_id = k.patient_record_id
+        ORDER BY reason, match_probability DESC"""
+
+
+def scrub_exports(pair_ids: set[str]) -> int:
+    """Remove these pairs (an erased person's) from every exported review file; returns rows removed.
+    Each file is rewritten beside itself and swapped in, so a crash leaves the old or the new file."""
+    removed = 0
+    for path in sorted(folder().glob("*.csv")) if pair_ids else ():
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = list(reader)
+        if not header or "pair_id" not in header:
+            continue
+        at = header.index("pair_id")
+        kept = [r for r in rows if len(r) <= at or r[at].strip() not in pair_ids]
+        if len(kept) == len(rows):
+            continue
+        removed += len(rows) - len(kept)
+        tmp = path.with_name(f".{path.name}.partial")
+        _write_owner_only(tmp, header, kept)
+        tmp.replace(path)
+    return removed
+
+
+def _write_owner_only(path: Path, header, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.chmod(path, 0o600)
 
 
 def export_queue(con: duckdb.DuckDBPyConnection, quarter: str, path: Path) -> int:
@@ -36,13 +113,7 @@ def export_queue(con: duckdb.DuckDBPyConnection, quarter: str, path: Path) -> in
         FROM linkage.review_queue q
         WHERE q.quarter = ? AND q.pair_id NOT IN (SELECT pair_id FROM linkage.review_decisions WHERE pair_id IS NOT NULL)
         ORDER BY q.reason, q.match_probability DESC""", [quarter]).fetchall()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(EXPORT_COLUMNS)
-        writer.writerows(rows)
-    os.chmod(path, 0o600)
+    _write_owner_only(path, EXPORT_COLUMNS, rows)
     return len(rows)
 
 

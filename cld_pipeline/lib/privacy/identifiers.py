@@ -19,6 +19,9 @@ POSTCODE_RE = re.compile(r"^([A-Z]{1,2}[0-9][A-Z0-9]?) ?([0-9][ABD-HJLNP-UW-Z]{2
 PSEUDO_POSTCODE_RE = re.compile(r"^(ZZ99) ?([0-9][A-Z]{2})$")
 # Letters allowed in the two-letter unit of the inward code (never C, I, K, M, O or V).
 INWARD_UNIT_LETTERS = "ABDEFGHJLNPQRSTUWXYZ"
+# Anything shaped like an NHS number, a date or a postcode, for scanning text that must hold none (a
+# linkage model's JSON, say). Ten digits after a decimal point are a parameter, not an NHS number.
+IDENTIFIER_SHAPED = re.compile(r"(?<![\d.])\d{10}(?!\d)|\b(19|20)\d\d-\d\d-\d\d\b|\b[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}\b")
 
 
 def normalise_nhs_number(raw: str | None) -> str | None:

@@ -3,7 +3,7 @@
 The DSA is configuration (`CLD_DSA_ID`, `CLD_DSA_EXPIRES_ON`). Once the expiry date has passed, the
 retention job (scheduled daily) destroys everything in the data folder that holds or derives from
 the councils' data: both databases, the archive of original files, quarantine, landing, reports,
-rights copies, scratch space, synthetic truth files, and the key material the pipeline is
+rights copies, scratch space, synthetic truth files, linkage models and review files, and the key material the pipeline is
 responsible for (the development key file). A production key lives in the deployment's secret store:
 the certificate lists it as the custodian's action. Each file is overwritten with random bytes,
 flushed and unlinked (on SSDs and copy-on-write file systems overwriting is best effort; destroying
@@ -32,7 +32,7 @@ DEFAULT_EXPIRES_ON = dt.date(2031, 3, 31)
 # Relative to the data folder. Kept: dagster_home (run metadata, no identifiers: checked by the
 # privacy tests), alerts/ (file names and errors) and destruction/ (certificates, audit log).
 DESTROYED = ["identifiable.duckdb", "identifiable.duckdb.wal", "analytics.duckdb", "analytics.duckdb.wal",
-             "archive", "quarantine", "landing", "reports", "rights", "work", "synthetic", DEV_KEY_FILE]
+             "archive", "quarantine", "landing", "reports", "rights", "work", "synthetic", "linkage", DEV_KEY_FILE]
 CERTIFICATES = "destruction"
 
 

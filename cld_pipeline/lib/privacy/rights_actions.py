@@ -20,6 +20,7 @@ from pathlib import Path
 
 import duckdb
 
+from cld_pipeline.lib.linkage import review
 from cld_pipeline.lib.privacy import rights
 from cld_pipeline.lib.privacy.pseudonymise import PseudoKey
 from cld_pipeline.lib.privacy.rights import la_message_sql, nhs_message_sql
@@ -76,9 +77,12 @@ def find_person_rows(con: duckdb.DuckDBPyConnection, messages: set[str]) -> Affe
 LINKAGE_TABLES = ("linkage.person_links", "linkage.review_queue", "linkage.review_decisions")
 
 
-def _linkage_person_where() -> str:
-    return (f"{nhs_message_sql('nhs_number')} IN (SELECT message FROM person_messages) OR "
-            f"{la_message_sql('la_code', 'la_person_id')} IN (SELECT message FROM person_messages)")
+LINKAGE_PERSON = (f"{nhs_message_sql('nhs_number')} IN (SELECT message FROM person_messages) OR "
+                  f"{la_message_sql('la_code', 'la_person_id')} IN (SELECT message FROM person_messages)")
+
+
+def _linkage_tables(con) -> list[str]:
+    return [t for t in LINKAGE_TABLES if table_exists(con, *t.split("."))]
 
 
 def _delete_keyed(con, table: str, keys: str, key_columns: str) -> int:
@@ -100,9 +104,11 @@ def erase_in_processor_zone(con: duckdb.DuckDBPyConnection, affected: Affected) 
     for table in ("raw.hospital_episodes", "validated.hospital_episodes", "validated.hospital_rejections",
                   "validated.hospital_dq_flags"):
         affected.count(table, _delete_keyed(con, table, "person_hospital", "extract_id, row_number"))
-    for table in LINKAGE_TABLES:
-        if table_exists(con, *table.split(".")):
-            affected.count(table, con.execute(f"DELETE FROM {table} WHERE {_linkage_person_where()}").fetchall()[0][0])
+    if table_exists(con, "linkage", "review_queue"):   # and from review files already exported
+        pairs = {r[0] for r in con.execute(f"SELECT pair_id FROM linkage.review_queue WHERE {LINKAGE_PERSON}").fetchall()}
+        affected.count("linkage review files", review.scrub_exports(pairs))
+    for table in _linkage_tables(con):
+        affected.count(table, con.execute(f"DELETE FROM {table} WHERE {LINKAGE_PERSON}").fetchall()[0][0])
     for column in rights.adult_link_columns():
         for table, la_code in (("raw.events", "s.la_code"), ("validated.events", "s.la_code")):
             if not table_exists(con, *table.split(".")):
@@ -288,9 +294,8 @@ def processor_occurrences(con: duckdb.DuckDBPyConnection, messages: set[str]) ->
         out["validated.hospital_episodes"] = con.execute(
             f"SELECT count(*) FROM validated.hospital_episodes WHERE {nhs_message_sql('nhs_number')} IN "
             "(SELECT message FROM person_messages)").fetchall()[0][0]
-    for table in LINKAGE_TABLES:
-        if table_exists(con, *table.split(".")):
-            out[table] = con.execute(f"SELECT count(*) FROM {table} WHERE {_linkage_person_where()}").fetchall()[0][0]
+    for table in _linkage_tables(con):
+        out[table] = con.execute(f"SELECT count(*) FROM {table} WHERE {LINKAGE_PERSON}").fetchall()[0][0]
     return {t: n for t, n in out.items() if n}
 
 
@@ -305,7 +310,7 @@ def export_processor_rows(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[
         "raw.hospital_episodes": "SELECT v.* FROM raw.hospital_episodes v JOIN person_hospital USING (extract_id, row_number)",
         "validated.hospital_episodes": "SELECT v.* FROM validated.hospital_episodes v "
                                        "JOIN person_hospital USING (extract_id, row_number)",
-        **{table: f"SELECT * FROM {table} WHERE {_linkage_person_where()}" for table in LINKAGE_TABLES},
+        **{table: f"SELECT * FROM {table} WHERE {LINKAGE_PERSON}" for table in LINKAGE_TABLES},
     }
     counts = {}
     for table, sql in queries.items():
