@@ -370,3 +370,21 @@ def test_a_store_pseudonymised_before_the_linkage_takes_resubmissions(pseudonymi
     with duckdb.connect(str(data_dir / "analytics.duckdb"), read_only=True) as con:
         columns = {r[0] for r in con.execute("DESCRIBE pseudonymised.events_history").fetchall()}
     assert {"link_method", "match_probability"} <= columns
+
+
+def test_a_retrained_model_on_the_same_people_is_the_same_to_the_last_bit(fitted):
+    """A re-run (after a kill, or a second `cld-pipeline run`) trains again on two threads: the
+    model's JSON, and so its id, and every link's probability must not move in their last bits.
+    (The linkage step stores its inputs in record-id order; here, in the order they were loaded.)"""
+    con, model, *_ = fitted
+    first = con.execute("SELECT * FROM links ORDER BY ALL").fetchall()
+    again = duckdb.connect(config={"threads": 2})
+    for table in ("patients", "sc_people"):
+        rows = con.execute(f"SELECT * FROM {table}").to_arrow_table()   # in stored order
+        again.register("rows", rows)
+        again.execute(f"CREATE TABLE {table} AS SELECT * FROM rows")
+        again.unregister("rows")
+    retrained = pl.train(again)
+    pl.link(again, retrained)
+    assert retrained.to_json() == model.to_json()
+    assert again.execute("SELECT * FROM links ORDER BY ALL").fetchall() == first

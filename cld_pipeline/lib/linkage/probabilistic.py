@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import duckdb
@@ -150,35 +151,50 @@ def train(con: duckdb.DuckDBPyConnection, seed: int = 1) -> Model:
     _ensure_review_labels(con)
     labels = _label_counts(con)
     shift, prior_metrics = _prior_shift(con, labels)
-    linker = _linker(con, settings_creator(_prior(con, labels)))
-    linker.training.estimate_u_using_random_sampling(max_pairs=2e6, seed=seed)
-    if labels["train"][0]:
-        linker.training.estimate_m_from_label_column("label")
-    if con.execute("SELECT count(*) FROM review_labels WHERE is_match").fetchall()[0][0]:
-        con.execute("""CREATE OR REPLACE TEMP TABLE review_pairs AS
-                       SELECT 'sc' AS source_dataset_l, sc_record_id AS record_id_l,
-                              'patients_in' AS source_dataset_r, patient_record_id AS record_id_r
-                       FROM review_labels WHERE is_match""")
-        linker.training.estimate_m_from_pairwise_labels("review_pairs")
     from splink import block_on
-    # EM refines m on the blocked pairs of everybody. When the people to link are mostly people with
-    # no hospital record (their base rate far below the labelled people's), those pairs are nearly
-    # all non-matches and EM fits them instead: the label-seeded m is kept.
-    em = "run" if shift > EM_MIN_PRIOR_SHIFT else f"skipped: prior shift {shift} bits"
-    for rule in (block_on("dob"), block_on("postcode")) if em == "run" else ():
-        try:
-            linker.training.estimate_parameters_using_expectation_maximisation(
-                rule, record_sample_proportion=1.0, max_pairs=5e6)
-        except Exception as err:   # noqa: BLE001 - EM that cannot converge keeps the label-seeded m
-            logging.getLogger(__name__).warning("EM blocked on %s did not run: %s", rule, type(err).__name__)
-    # Parameters rounded to 10 significant digits, and the pairs scored with the rounded model: sums
-    # over two threads differ in their last bits from run to run, and a re-run must give the same
-    # model and the same links.
+
+    linker = _linker(con, settings_creator(_prior(con, labels)))
+    # Estimation sums probabilities over many pairs; on two threads the order of the sums, and so
+    # the last bits, change from run to run (and rounding cannot always hide it: a value can sit on
+    # a rounding boundary). One thread makes the same data give the same model, which a re-run
+    # must. Scoring, row by row, keeps every thread.
+    with _one_thread(con):
+        linker.training.estimate_u_using_random_sampling(max_pairs=2e6, seed=seed)
+        if labels["train"][0]:
+            linker.training.estimate_m_from_label_column("label")
+        if con.execute("SELECT count(*) FROM review_labels WHERE is_match").fetchall()[0][0]:
+            con.execute("""CREATE OR REPLACE TEMP TABLE review_pairs AS
+                           SELECT 'sc' AS source_dataset_l, sc_record_id AS record_id_l,
+                                  'patients_in' AS source_dataset_r, patient_record_id AS record_id_r
+                           FROM review_labels WHERE is_match""")
+            linker.training.estimate_m_from_pairwise_labels("review_pairs")
+        # EM refines m on the blocked pairs of everybody. When the people to link are mostly people
+        # with no hospital record (their base rate far below the labelled people's), those pairs are
+        # nearly all non-matches and EM fits them instead: the label-seeded m is kept.
+        em = "run" if shift > EM_MIN_PRIOR_SHIFT else f"skipped: prior shift {shift} bits"
+        for rule in (block_on("dob"), block_on("postcode")) if em == "run" else ():
+            try:
+                linker.training.estimate_parameters_using_expectation_maximisation(
+                    rule, record_sample_proportion=1.0, max_pairs=5e6)
+            except Exception as err:   # noqa: BLE001 - EM that cannot converge keeps the label-seeded m
+                logging.getLogger(__name__).warning("EM blocked on %s did not run: %s", rule, type(err).__name__)
+    # Parameters rounded to 10 significant digits (the JSON stays readable), and the pairs scored
+    # with the rounded model.
     settings = _rounded(_with_exact_postcode_u(con, linker.misc.save_model_to_json()))
     _score(con, _linker(con, settings))
     metrics, threshold = _judge(con, labels)
     return Model(settings=settings, threshold=threshold, metrics={**metrics, **prior_metrics, "em": em},
                  prior_shift=shift)
+
+
+@contextmanager
+def _one_thread(con: duckdb.DuckDBPyConnection):
+    threads = con.execute("SELECT current_setting('threads')").fetchall()[0][0]
+    con.execute("SET threads = 1")
+    try:
+        yield
+    finally:
+        con.execute(f"SET threads = {int(threads)}")
 
 
 def _with_exact_postcode_u(con: duckdb.DuckDBPyConnection, settings: dict) -> dict:
@@ -271,7 +287,10 @@ def decisions_sql(threshold: str = "$threshold", shift: str = "0") -> str:
         ), ranked AS (
             SELECT *, {probability_sql('weight')} AS pair_probability,
                    CASE WHEN confirmed THEN 1.0
-                        ELSE pow(2, weight) / (1 + sum(pow(2, coalesce(weight, 0))) OVER (PARTITION BY sc_record_id))
+                        -- summed in patient order, so the same pairs always give the same last bits
+                        ELSE pow(2, weight) / (1 + sum(pow(2, coalesce(weight, 0))) OVER (
+                            PARTITION BY sc_record_id ORDER BY patient_record_id
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING))
                    END AS match_probability,
             FROM pairs
             QUALIFY row_number() OVER (PARTITION BY sc_record_id
