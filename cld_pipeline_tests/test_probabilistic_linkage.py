@@ -380,7 +380,7 @@ def test_a_retrained_model_on_the_same_people_is_the_same_to_the_last_bit(fitted
     first = con.execute("SELECT * FROM links ORDER BY ALL").fetchall()
     again = duckdb.connect(config={"threads": 2})
     for table in ("patients", "sc_people"):
-        rows = con.execute(f"SELECT * FROM {table}").to_arrow_table()   # in stored order
+        rows = con.sql(f"SELECT * FROM {table}").to_arrow_table()   # in stored order
         again.register("rows", rows)
         again.execute(f"CREATE TABLE {table} AS SELECT * FROM rows")
         again.unregister("rows")
